@@ -1,0 +1,26 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench clean
+
+$(BIN)/twistd: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/twistd
+
+install: $(BIN)/twistd
+
+demo: install
+	$(BIN)/python demo/run.py
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(BIN)/python bench/tcp_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

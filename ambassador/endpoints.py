@@ -1,0 +1,84 @@
+"""Endpoint strings: loopback by default for listeners, checks for members.
+
+An ambassador is never an open proxy by accident (SPEC §2): a ``tcp:``, ``ssl:`` or
+``mtls:`` listen endpoint without ``interface=`` binds 127.0.0.1 (``tcp6:``: ::1).
+Strings are checked by letting Twisted's own parsers build the endpoint against a
+``MemoryReactor``, so whatever Twisted (or an installed endpoint plugin) accepts, we
+accept, and nothing binds or connects while checking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.endpoints import _parse, clientFromString, serverFromString
+from twisted.internet.testing import MemoryReactor
+
+_LOOPBACK = {"tcp": "127.0.0.1", "ssl": "127.0.0.1", "mtls": "127.0.0.1", "tcp6": "\\:\\:1"}
+
+
+class EndpointError(ValueError):
+    """An endpoint string that Twisted cannot use."""
+
+
+def _split(description: str) -> tuple[list[str], dict[str, str]]:
+    try:
+        args, kwargs = _parse(description)
+    except Exception as e:  # _parse raises assorted errors on junk
+        raise EndpointError(f"{description!r} is not an endpoint string: {e}") from None
+    if not args or not args[0]:
+        raise EndpointError(f"{description!r} is not an endpoint string")
+    return args, kwargs
+
+
+def normalizeListen(description: str) -> str:
+    """The listen endpoint string with the loopback interface made explicit."""
+    args, kwargs = _split(description)
+    prefix = args[0]
+    if prefix in _LOOPBACK and "interface" not in kwargs:
+        description = f"{description}:interface={_LOOPBACK[prefix]}"
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise EndpointError(f"{description!r} is not a usable listen endpoint: {_reason(e)}") from None
+    return description
+
+
+def listenKey(description: str) -> Any:
+    """What two listeners must not share: (family, port, interface) or the path."""
+    args, kwargs = _split(description)
+    prefix = args[0]
+    if prefix in _LOOPBACK:
+        port = kwargs.get("port", args[1] if len(args) > 1 else "")
+        family = "tcp6" if prefix == "tcp6" else "tcp"
+        return (family, str(port), kwargs.get("interface", ""))
+    if prefix == "unix":
+        return ("unix", kwargs.get("address", args[1] if len(args) > 1 else ""))
+    return description
+
+
+def checkClientEndpoint(description: str) -> None:
+    """Raise EndpointError unless the member endpoint string is usable."""
+    args, kwargs = _split(description)
+    if args[0] in ("dns", "srv"):
+        raise EndpointError(
+            f"{description!r}: {args[0]}: members (DNS discovery) are not available in this "
+            "version yet; use tcp:, tls: or unix: members"
+        )
+    try:
+        clientFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise EndpointError(f"{description!r} is not a usable member endpoint: {_reason(e)}") from None
+
+
+def memberHost(description: str) -> str | None:
+    """The host name a member endpoint connects to (for Host headers and SNI), if any."""
+    args, kwargs = _split(description)
+    if args[0] in ("tcp", "tls", "ssl") and (len(args) > 1 or "host" in kwargs):
+        return kwargs.get("host", args[1] if len(args) > 1 else None)
+    return None
+
+
+def _reason(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0] if text else type(e).__name__

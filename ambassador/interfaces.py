@@ -1,0 +1,95 @@
+"""The seams where other code plugs into the ambassador.
+
+A route protocol (SPEC §9) is a Twisted plugin: an object providing both
+``twisted.plugin.IPlugin`` and :class:`IRouteProtocol`, instantiated in a module
+under some package's ``twisted/plugins/`` directory.  The ambassador finds it with
+``twisted.plugin.getPlugins(IRouteProtocol)`` and never imports it by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+from zope.interface import Attribute, Interface
+
+
+@attrs.frozen
+class RouteOption:
+    """A route-level config key that only one protocol understands.
+
+    ``parse`` turns the TOML value into the value the protocol wants and raises
+    ``ValueError`` with a message for ops when it is wrong; the config loader adds
+    the file, route and key to that message.  ``default`` is used as it is (it is not
+    passed through ``parse``).
+    """
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any = None
+
+
+class IRouteProtocol(Interface):
+    """A kind of route: how app connections are served and upstream attempts made."""
+
+    name = Attribute("The protocol name used in config, e.g. 'tcp'.")
+    options = Attribute(
+        "A sequence of RouteOption: the route keys this protocol adds to the common ones."
+    )
+    dialectOption = Attribute(
+        "The name of the option that --route's PROTOCOL:DIALECT sets, or None when the "
+        "protocol has no dialects."
+    )
+    keyHashing = Attribute("True if requests carry a key, so that balance = 'hash' is allowed.")
+
+    def validate(route: Any) -> list[tuple[str, str]]:
+        """
+        Cross-key checks on a parsed route (an ``ambassador.config.Route``).
+
+        @return: (key, message) pairs, empty when the route is fine.
+        """
+
+    def buildFactory(route: Any, core: Any, reactor: Any) -> Any:
+        """
+        Build the server protocol factory that serves the route's listen endpoint.
+
+        @param route: the route's ``ambassador.config.Route``.
+        @param core: the route's ``ambassador.resilience.RouteCore``; every upstream
+            attempt goes through it (retry, timeouts, breakers, balancing).
+        @param reactor: the reactor (time, TCP) to use; never import the global one.
+        @return: an ``IProtocolFactory``.
+        """
+
+
+class IBalancer(Interface):
+    """Chooses the member for an attempt among the members that are usable now."""
+
+    def pick(members: Any, exclude: Any, key: Any) -> Any:
+        """
+        @param members: the route's members, in configured order.
+        @param exclude: members already tried for this request (prefer others).
+        @param key: the request's key (bytes) or None.
+        @return: a usable ``Member``, or None when no member is usable.
+        """
+
+
+class IRouteObserver(Interface):
+    """Sees what a route's resilience core does; metrics and access logs plug in here.
+
+    Every call is made on the hot path: implementations must be cheap.
+    """
+
+    def attemptFinished(route: str, member: Any, result: str, duration: float) -> None:
+        """One attempt ended; ``result`` is 'ok' or a failure reason / status."""
+
+    def retried(route: str) -> None:
+        """A retry was decided (counted when decided, before its backoff)."""
+
+    def breakerChanged(route: str, member: Any, state: str) -> None:
+        """A member's breaker moved to 'closed', 'half-open' or 'open'."""
+
+    def requestFinished(route: str, record: Any) -> None:
+        """A request (tcp: a connection) ended; ``record`` is a ``RequestRecord``."""
+
+    def connectionsChanged(route: str, active: int) -> None:
+        """The number of downstream connections of the route changed."""

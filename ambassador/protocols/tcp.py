@@ -1,0 +1,242 @@
+"""The ``tcp`` route: one member connection per app connection, bytes both ways.
+
+The member connection is set up through the route's resilience core (balancing,
+breakers, connect retries within the deadline); after that the relay is two
+transports that are each other's producers, so a slow side pauses the other and
+memory stays bounded (SPEC §4/tcp).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ambassador.interfaces import IRouteProtocol
+from ambassador.resilience import reasons
+from ambassador.resilience.core import RequestRecord, RouteCore
+from ambassador.resilience.member import Member
+from ambassador.resilience.reasons import RequestFailed
+
+#: Bytes read per recv(); Twisted's default is 64 KiB.  Bigger reads mean fewer
+#: reactor iterations per megabyte relayed (measured in bench/tcp_throughput.py).
+READ_SIZE = 256 * 1024
+
+
+@implementer(IHalfCloseableProtocol)
+class _MemberSide(Protocol):
+    """The connection to the member; everything it reads goes to the app."""
+
+    app: "_AppSide"
+
+    def __init__(self, app: "_AppSide") -> None:
+        self.app = app
+
+    def connectionMade(self) -> None:
+        self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        app = self.app
+        app.bytesOut += len(data)
+        app.lastActivity = app.clock.seconds()
+        app.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.app.memberFinished()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.app.memberLost(reason)
+
+
+class _MemberFactory(Factory):
+    protocol = _MemberSide
+    noisy = False
+
+    def __init__(self, app: "_AppSide") -> None:
+        self.app = app
+
+    def buildProtocol(self, addr: Any) -> _MemberSide:
+        return _MemberSide(self.app)
+
+
+@implementer(IHalfCloseableProtocol)
+class _AppSide(Protocol):
+    """The app's connection; owns the pair and its accounting."""
+
+    def __init__(self, core: RouteCore, clock: IReactorTime) -> None:
+        self.core = core
+        self.clock = clock
+        self.member: _MemberSide | None = None
+        self.upstream: str | None = None
+        self.pending: Any = None
+        self.idleCall: Any = None
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.attempts = 0
+        self.result = reasons.OK
+        self.admitted = False
+        self.appReadClosed = False
+        self.memberReadClosed = False
+        self.closed = False
+        self.started = 0.0
+        self.lastActivity = 0.0
+
+    def connectionMade(self) -> None:
+        self.started = self.lastActivity = self.clock.seconds()
+        if not self.core.admit(self):
+            self.result = reasons.OVERLOADED
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self.admitted = True
+        self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        # Read nothing from the app until a member is connected: back-pressure from
+        # the very first byte, and no buffer to replay.
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.pending = self.core.request(self._attempt, attemptTimeout=float("inf"))
+        self.pending.addCallbacks(self._connected, self._failed)
+
+    def _attempt(self, member: Member) -> Any:
+        return member.connect(_MemberFactory(self), self.clock, self.core.route.connectTimeout)
+
+    def _connected(self, outcome: Any) -> None:
+        self.pending = None
+        member: _MemberSide = outcome.value
+        self.attempts = outcome.attempts
+        self.upstream = outcome.member.upstream
+        if self.closed:
+            member.transport.loseConnection()
+            return
+        self.member = member
+        self.transport.registerProducer(member.transport, True)  # type: ignore[attr-defined]
+        member.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.lastActivity = self.clock.seconds()
+        self.idleCall = self.clock.callLater(self.core.route.idleTimeout, self._idleCheck)
+
+    def _failed(self, failure: Failure) -> None:
+        self.pending = None
+        if failure.check(RequestFailed):
+            self.result = failure.value.reason
+            self.attempts = failure.value.attempts
+            member = failure.value.member
+            self.upstream = member.upstream if member is not None else None
+        elif self.closed:
+            return  # the app left while we were connecting
+        else:
+            self.result = reasons.PROTOCOL_ERROR
+        if not self.closed:
+            self.transport.loseConnection()
+
+    def _idleCheck(self) -> None:
+        now = self.clock.seconds()
+        idle = self.core.route.idleTimeout
+        if now - self.lastActivity >= idle:
+            self.idleCall = None
+            self.abort()
+        else:
+            self.idleCall = self.clock.callLater(self.lastActivity + idle - now, self._idleCheck)
+
+    def abort(self) -> None:
+        """Close both sides now (idle, drain), dropping whatever is buffered."""
+        if self.member is not None:
+            self.member.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        self.lastActivity = self.clock.seconds()
+        self.member.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.appReadClosed = True
+        if self.member is not None:
+            self.member.transport.loseWriteConnection()  # type: ignore[attr-defined]
+            if self.memberReadClosed:
+                self._closeBoth()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def memberFinished(self) -> None:
+        """The member half-closed: pass it on to the app."""
+        self.memberReadClosed = True
+        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        if self.appReadClosed:
+            self._closeBoth()
+
+    def _closeBoth(self) -> None:
+        if self.member is not None:
+            self.member.transport.loseConnection()
+        self.transport.loseConnection()
+
+    def memberLost(self, reason: Failure) -> None:
+        if self.member is None:
+            return  # an attempt's connection that was never paired
+        if self.closed:
+            return
+        if reason.check(ierror.ConnectionDone):
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.closed = True
+        if self.idleCall is not None and self.idleCall.active():
+            self.idleCall.cancel()
+        self.idleCall = None
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.member is not None:
+            if reason.check(ierror.ConnectionDone):
+                self.member.transport.loseConnection()
+            else:
+                self.member.transport.abortConnection()  # type: ignore[attr-defined]
+        core = self.core
+        if self.admitted:
+            core.release(self)
+        core.finished(
+            RequestRecord(
+                self.upstream, self.attempts, self.result, self.clock.seconds() - self.started,
+                bytesIn=self.bytesIn, bytesOut=self.bytesOut,
+            )
+        )
+
+
+class _AppFactory(Factory):
+    noisy = False
+
+    def __init__(self, core: RouteCore, clock: IReactorTime) -> None:
+        self.core = core
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> _AppSide:
+        protocol = _AppSide(self.core, self.clock)
+        protocol.factory = self
+        return protocol
+
+
+@implementer(IPlugin, IRouteProtocol)
+class TCPRouteProtocol:
+    """The ``tcp`` protocol plugin."""
+
+    name = "tcp"
+    options = ()
+    dialectOption = None
+    keyHashing = False
+
+    def validate(self, route: Any) -> list[tuple[str, str]]:
+        return []
+
+    def buildFactory(self, route: Any, core: RouteCore, reactor: Any) -> Factory:
+        return _AppFactory(core, reactor)
+
+
+tcpProtocol = TCPRouteProtocol()

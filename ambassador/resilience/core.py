@@ -1,0 +1,345 @@
+"""The route's resilience core: every upstream attempt of every protocol goes through it.
+
+A protocol hands :meth:`RouteCore.request` a function that makes one attempt against
+one member; the core chooses the member, bounds the attempt in time, feeds the
+breaker, decides on retries (tries left, safety, budget, deadline), sleeps the
+backoff and reports everything to the observers (metrics, logs).  Protocol code
+never re-implements any of that.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from typing import Any, Callable, Collection
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ambassador.resilience import reasons
+from ambassador.resilience.backoff import backoffDelay
+from ambassador.resilience.balance import BALANCERS
+from ambassador.resilience.breaker import Breaker
+from ambassador.resilience.budget import RetryBudget
+from ambassador.resilience.member import Member
+from ambassador.resilience.reasons import AttemptFailed, RequestFailed, classify
+
+log = Logger(namespace="ambassador")
+accessLog = Logger(namespace="ambassador.access")
+
+
+class Outcome:
+    """What a request came to when it has a response to hand back.
+
+    ``reason`` is ``"ok"`` for a successful attempt; otherwise the last attempt's
+    failure reason (e.g. a retryable status) whose ``response`` is handed back as it
+    is, and ``budgetExhausted`` says whether the budget stopped the retries.
+    """
+
+    __slots__ = ("value", "attempts", "member", "reason", "budgetExhausted")
+
+    def __init__(
+        self, value: Any, attempts: int, member: Member, reason: str = reasons.OK,
+        budgetExhausted: bool = False,
+    ) -> None:
+        self.value = value
+        self.attempts = attempts
+        self.member = member
+        self.reason = reason
+        self.budgetExhausted = budgetExhausted
+
+
+class RequestRecord:
+    """One finished request (tcp: connection), for metrics and the access log."""
+
+    __slots__ = ("upstream", "attempts", "result", "status", "bytesIn", "bytesOut", "duration")
+
+    def __init__(
+        self, upstream: str | None, attempts: int, result: str, duration: float,
+        bytesIn: int = 0, bytesOut: int = 0, status: int | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.attempts = attempts
+        self.result = result
+        self.status = status
+        self.bytesIn = bytesIn
+        self.bytesOut = bytesOut
+        self.duration = duration
+
+
+class _Observers:
+    """Fans core events out to the observers (metrics, access log, tests)."""
+
+    def __init__(self, observers: list[Any]) -> None:
+        self.observers = observers
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        observers = self.observers
+
+        def fanOut(*args: Any) -> None:
+            for observer in observers:
+                getattr(observer, name)(*args)
+
+        return fanOut
+
+
+class RouteCore:
+    """Members, balancer, breakers, budget and policies of one route.
+
+    @param route: the route's ``ambassador.config.Route``.
+    @param endpointFor: builds a member's client endpoint from its endpoint string.
+    """
+
+    def __init__(
+        self,
+        route: Any,
+        clock: IReactorTime,
+        endpointFor: Callable[[str], Any],
+        observers: list[Any] | None = None,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self.route = route
+        self.name = route.name
+        self.clock = clock
+        self.random = random
+        self.events = _Observers(observers if observers is not None else [])
+        self.balancer = BALANCERS[route.balance]()
+        self.budget = RetryBudget(clock, route.retry.budgetRatio, route.retry.budgetMinPerSecond)
+        self.members: list[Member] = []
+        for upstream in route.upstreams:
+            self.addMember(upstream, endpointFor(upstream))
+        self.activeConnections = 0
+        self.connections: set[Any] = set()
+
+    def addMember(self, upstream: str, endpoint: Any) -> Member:
+        policy = self.route.breaker
+        member: Member
+
+        def changed(state: str) -> None:
+            log.info(
+                "route {route}: breaker of {upstream} is {state}",
+                route=self.name, upstream=upstream, state=state,
+            )
+            self.events.breakerChanged(self.name, member, state)
+
+        breaker = Breaker(
+            self.clock, policy.failureThreshold, policy.resetTimeout, policy.halfOpenMax, changed
+        )
+        member = Member(upstream, endpoint, breaker)
+        self.members.append(member)
+        return member
+
+    @property
+    def hasUsableMember(self) -> bool:
+        return any(m.usable for m in self.members)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def request(
+        self,
+        attempt: Callable[[Member], Deferred[Any]],
+        *,
+        key: bytes | None = None,
+        safe: bool = True,
+        retryOn: Collection[str] = reasons.RETRYABLE,
+        attemptTimeout: float | None = None,
+    ) -> Deferred[Outcome]:
+        """Run attempts until one succeeds or retries must stop.
+
+        @param attempt: makes one attempt on a member; its Deferred fires with the
+            response, or fails (``AttemptFailed`` or any connection error).  Cancelling
+            it must abandon the attempt and close what it opened.
+        @param key: the request's key for ``balance = "hash"``.
+        @param safe: may the request be repeated once it may have reached a member?
+        @param retryOn: the failure reasons that may be retried.
+        @param attemptTimeout: the bound of one attempt (default: the route's timeout).
+        @return: fires with an ``Outcome``, or fails with ``RequestFailed``.
+        """
+        return _Request(self, attempt, key, safe, retryOn, attemptTimeout).start()
+
+    def finished(self, record: RequestRecord) -> None:
+        """A request (tcp: connection) ended: count it and write its access-log line."""
+        self.events.requestFinished(self.name, record)
+        if self.route.accessLog:
+            accessLog.info(
+                "{route} {upstream} attempts={attempts} result={result} status={status} "
+                "bytes_in={bytes_in} bytes_out={bytes_out} duration_ms={duration_ms}",
+                route=self.name, upstream=record.upstream, attempts=record.attempts,
+                result=record.result, status=record.status, bytes_in=record.bytesIn,
+                bytes_out=record.bytesOut, duration_ms=round(record.duration * 1000, 3),
+            )
+
+    # --- downstream connections --------------------------------------------------------
+
+    def admit(self, connection: Any) -> bool:
+        """Count a new app connection in, unless the route is at max_connections."""
+        if self.activeConnections >= self.route.maxConnections:
+            return False
+        self.activeConnections += 1
+        self.connections.add(connection)
+        self.events.connectionsChanged(self.name, self.activeConnections)
+        return True
+
+    def release(self, connection: Any) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self.activeConnections -= 1
+            self.events.connectionsChanged(self.name, self.activeConnections)
+
+
+class _Request:
+    """The state of one request's attempts; a plain object rather than inlineCallbacks,
+    to keep cancellation exact and the per-request cost low."""
+
+    __slots__ = (
+        "core", "attempt", "key", "safe", "retryOn", "attemptTimeout", "deadlineAt", "tries",
+        "tried", "result", "current", "member", "timer", "sleeper", "timedOut", "cancelled",
+        "lastFailure", "started",
+    )
+
+    def __init__(
+        self, core: RouteCore, attempt: Callable[[Member], Deferred[Any]], key: bytes | None,
+        safe: bool, retryOn: Collection[str], attemptTimeout: float | None,
+    ) -> None:
+        self.core = core
+        self.attempt = attempt
+        self.key = key
+        self.safe = safe
+        self.retryOn = retryOn
+        self.attemptTimeout = attemptTimeout if attemptTimeout is not None else core.route.timeout
+        self.tries = 0
+        self.tried: list[Member] = []
+        self.current: Deferred[Any] | None = None
+        self.member: Member | None = None
+        self.timer: IDelayedCall | None = None
+        self.sleeper: IDelayedCall | None = None
+        self.timedOut: str | None = None
+        self.cancelled = False
+        self.lastFailure: AttemptFailed | None = None
+
+    def start(self) -> Deferred[Outcome]:
+        core = self.core
+        self.started = core.clock.seconds()
+        self.deadlineAt = self.started + core.route.deadline
+        core.budget.recordRequest()
+        self.result: Deferred[Outcome] = Deferred(self._cancel)
+        self._next()
+        return self.result
+
+    def _next(self) -> None:
+        self.sleeper = None
+        core = self.core
+        member = core.balancer.pick(core.members, self.tried, self.key)
+        if member is None or not member.breaker.acquire():
+            if self.lastFailure is not None:
+                self._stop(self.lastFailure)
+            else:
+                reason = reasons.NO_UPSTREAM if not core.members else reasons.BREAKER_OPEN
+                self.result.errback(RequestFailed(reason, 0))
+            return
+        self.tries += 1
+        self.member = member
+        member.inFlight += 1
+        member.attempts += 1
+        now = core.clock.seconds()
+        left = self.deadlineAt - now
+        if left <= self.attemptTimeout:
+            self.timer = core.clock.callLater(max(left, 0.0), self._timeUp, reasons.DEADLINE)
+        else:
+            self.timer = core.clock.callLater(self.attemptTimeout, self._timeUp, reasons.TIMEOUT)
+        self.timedOut = None
+        try:
+            d = self.attempt(member)
+        except Exception:
+            d = Deferred()
+            d.errback(Failure())
+        self.current = d
+        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(now,), callbackArgs=(now,))
+
+    def _timeUp(self, reason: str) -> None:
+        self.timer = None
+        self.timedOut = reason
+        if self.current is not None:
+            self.current.cancel()
+
+    def _endAttempt(self) -> Member:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.current = None
+        member = self.member
+        assert member is not None
+        member.inFlight -= 1
+        return member
+
+    def _succeeded(self, value: Any, startedAt: float) -> None:
+        member = self._endAttempt()
+        core = self.core
+        member.breaker.success()
+        core.events.attemptFinished(core.name, member, reasons.OK, core.clock.seconds() - startedAt)
+        self.result.callback(Outcome(value, self.tries, member))
+
+    def _failed(self, failure: Failure, startedAt: float) -> None:
+        member = self._endAttempt()
+        core = self.core
+        if self.cancelled:
+            member.breaker.release()
+            return
+        if self.timedOut is not None:
+            failed = AttemptFailed(self.timedOut)
+        else:
+            failed = classify(failure)
+            if failed.reason == reasons.PROTOCOL_ERROR and not isinstance(failure.value, AttemptFailed):
+                log.failure("route {route}: attempt on {upstream} failed unexpectedly",
+                            failure, route=core.name, upstream=member.upstream)
+        self.lastFailure = failed
+        member.failures += 1
+        member.breaker.failure()
+        now = core.clock.seconds()
+        core.events.attemptFinished(core.name, member, failed.reason, now - startedAt)
+
+        if (
+            self.tries >= core.route.retry.attempts
+            or failed.reason == reasons.DEADLINE
+            or failed.reason not in self.retryOn
+            or (failed.written and not self.safe)
+        ):
+            self._stop(failed)
+            return
+        policy = core.route.retry
+        delay = backoffDelay(self.tries + 1, policy.backoffBase, policy.backoffMax, core.random)
+        if failed.retryAfter is not None:
+            delay = max(delay, failed.retryAfter)
+        if now + delay >= self.deadlineAt:
+            self._stop(failed if failed.response is not None else AttemptFailed(reasons.DEADLINE))
+            return
+        if not core.budget.tryRetry():
+            self._stop(failed, budgetExhausted=True)
+            return
+        core.events.retried(core.name)
+        self.tried.append(member)
+        if delay > 0:
+            self.sleeper = core.clock.callLater(delay, self._next)
+        else:
+            self._next()
+
+    def _stop(self, failed: AttemptFailed, budgetExhausted: bool = False) -> None:
+        member = self.member
+        if failed.response is not None:
+            assert member is not None
+            self.result.callback(
+                Outcome(failed.response, self.tries, member, failed.reason, budgetExhausted)
+            )
+            return
+        reason = reasons.BUDGET_EXHAUSTED if budgetExhausted else failed.reason
+        self.result.errback(RequestFailed(reason, self.tries, member))
+
+    def _cancel(self, result: Deferred[Outcome]) -> None:
+        """The app went away: abandon the attempt under way or the backoff sleep."""
+        self.cancelled = True
+        if self.sleeper is not None:
+            self.sleeper.cancel()
+            self.sleeper = None
+        if self.current is not None:
+            self.current.cancel()

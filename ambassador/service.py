@@ -1,0 +1,149 @@
+"""The service tree: one RouteService per route under an AmbassadorService."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from ambassador.config import Config, Route
+from ambassador.resilience.core import RouteCore
+from ambassador.upstream import memberEndpoint
+
+log = Logger(namespace="ambassador")
+
+
+class ListenFailed(Exception):
+    """A route (or the admin endpoint) could not bind its listen endpoint."""
+
+
+class RouteService(Service):
+    """Listens for one route and drains its connections when stopped."""
+
+    def __init__(self, route: Route, plugin: Any, reactor: Any, observers: list[Any]) -> None:
+        self.route = route
+        self.name = route.name
+        self.reactor = reactor
+        self.core = RouteCore(
+            route, reactor, lambda upstream: memberEndpoint(reactor, upstream, route.tls), observers
+        )
+        self.factory = plugin.buildFactory(route, self.core, reactor)
+        self.port: Any = None
+        self.listening = False
+
+    def privilegedStartService(self) -> None:
+        """Bind now, synchronously where the endpoint allows, so that a port in use
+        stops the process before it reports itself started."""
+        Service.privilegedStartService(self)
+        endpoint = serverFromString(self.reactor, self.route.listen)
+        failures: list[Any] = []
+        d = endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            raise ListenFailed(
+                f'route "{self.route.name}": cannot listen on {self.route.listen}: '
+                f"{failures[0].getErrorMessage()}"
+            )
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        self.listening = True
+        log.info("route {route}: {protocol} listening on {listen} -> {upstreams}",
+                 route=self.route.name, protocol=self.route.protocol, listen=self.route.listen,
+                 upstreams=" ".join(self.route.upstreams))
+
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, give work in flight ``drain_timeout``, then close the rest."""
+        Service.stopService(self)
+        self.listening = False
+        stopped: Deferred[Any] = succeed(None)
+        if self.port is not None:
+            stopped = Deferred.fromCoroutine(_wait(self.port.stopListening()))
+        return stopped.addCallback(lambda _: self._drain())
+
+    def _drain(self) -> Deferred[None]:
+        core = self.core
+        if core.activeConnections == 0:
+            return succeed(None)
+        log.info("route {route}: draining {n} connections for up to {t}s",
+                 route=self.name, n=core.activeConnections, t=self.route.drainTimeout)
+        done: Deferred[None] = Deferred()
+        started = self.reactor.seconds()
+
+        def check() -> None:
+            if core.activeConnections == 0:
+                done.callback(None)
+            elif self.reactor.seconds() - started >= self.route.drainTimeout:
+                for connection in list(core.connections):
+                    abort = getattr(connection, "abort", None)
+                    if abort is not None:
+                        abort()
+                    else:
+                        connection.transport.abortConnection()
+                done.callback(None)
+            else:
+                self.reactor.callLater(0.05, check)
+
+        check()
+        return done
+
+
+async def _wait(d: Any) -> None:
+    if d is not None:
+        await d
+
+
+class AmbassadorService(MultiService):
+    """The whole process: every route, plus (when configured) the admin endpoint."""
+
+    def __init__(self, config: Config, protocols: dict[str, Any], reactor: Any,
+                 logObserver: Any = None) -> None:
+        MultiService.__init__(self)
+        self.config = config
+        self.reactor = reactor
+        self.observers: list[Any] = []
+        self.logObserver = logObserver
+        self.routes: dict[str, RouteService] = {}
+        for route in config.routes:
+            routeService = RouteService(route, protocols[route.protocol], reactor, self.observers)
+            routeService.setServiceParent(self)
+            self.routes[route.name] = routeService
+
+    def setServiceParent(self, parent: Any) -> None:
+        MultiService.setServiceParent(self, parent)
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            # twistd starts logging after makeService, from this component (app.AppLogger).
+            parent.setComponent(ILogObserver, self.logObserver)
+
+    def privilegedStartService(self) -> None:
+        try:
+            MultiService.privilegedStartService(self)
+        except ListenFailed as e:
+            for routeService in self.routes.values():
+                if routeService.port is not None:
+                    routeService.port.stopListening()
+            sys.stderr.write(f"ambassador: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        # twistd re-raises SIGTERM/SIGINT after shutdown (app._exitWithSignal), which
+        # would make a clean drain exit 143; SPEC §7 wants exit 0 after a drain.
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._exitCleanly)
+
+    def _exitCleanly(self) -> None:
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
+
+    @property
+    def ready(self) -> bool:
+        return self.running and all(
+            r.listening and r.core.hasUsableMember for r in self.routes.values()
+        )
