@@ -81,6 +81,8 @@ class _Observers:
             for observer in observers:
                 getattr(observer, name)(*args)
 
+        # Built once per event name: the list is shared, so observers added later are seen.
+        setattr(self, name, fanOut)
         return fanOut
 
 
