@@ -324,7 +324,7 @@ def _parseRoute(
     plugin = None
     if protocolName is None:
         errors.add(where, "protocol", "is required")
-    elif protocolName not in protocols:
+    elif not isinstance(protocolName, str) or protocolName not in protocols:
         errors.add(
             where, "protocol",
             f"unknown protocol {protocolName!r} (installed: {', '.join(sorted(protocols))})",
