@@ -10,6 +10,7 @@ never re-implements any of that.
 from __future__ import annotations
 
 import random as _random
+from collections import deque
 from typing import Any, Callable, Collection
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,6 +29,9 @@ from ambassador.resilience.reasons import AttemptFailed, RequestFailed, classify
 log = Logger(namespace="ambassador")
 accessLog = Logger(namespace="ambassador.access")
 
+#: How many trace values a route keeps for ``/status?route=NAME`` (SPEC §6).
+TRACES = 20
+
 
 class Outcome:
     """What a request came to when it has a response to hand back.
@@ -37,17 +41,19 @@ class Outcome:
     is, and ``budgetExhausted`` says whether the budget stopped the retries.
     """
 
-    __slots__ = ("value", "attempts", "member", "reason", "budgetExhausted")
+    __slots__ = ("value", "attempts", "member", "reason", "budgetExhausted", "trace")
 
     def __init__(
         self, value: Any, attempts: int, member: Member, reason: str = reasons.OK,
-        budgetExhausted: bool = False,
+        budgetExhausted: bool = False, trace: str | None = None,
     ) -> None:
         self.value = value
         self.attempts = attempts
         self.member = member
         self.reason = reason
         self.budgetExhausted = budgetExhausted
+        #: With ``request(..., trace=True)``: the x-ambassador-trace value (SPEC §6).
+        self.trace = trace
 
 
 class RequestRecord:
@@ -113,6 +119,8 @@ class RouteCore:
             self.addMember(upstream, endpointFor(upstream))
         self.activeConnections = 0
         self.connections: set[Any] = set()
+        #: The last TRACES trace values of requests made with trace=True (/status).
+        self.traces: deque[str] = deque(maxlen=TRACES)
 
     def addMember(self, upstream: str, endpoint: Any) -> Member:
         policy = self.route.breaker
@@ -146,6 +154,7 @@ class RouteCore:
         safe: bool = True,
         retryOn: Collection[str] = reasons.RETRYABLE,
         attemptTimeout: float | None = None,
+        trace: bool = False,
     ) -> Deferred[Outcome]:
         """Run attempts until one succeeds or retries must stop.
 
@@ -156,9 +165,12 @@ class RouteCore:
         @param safe: may the request be repeated once it may have reached a member?
         @param retryOn: the failure reasons that may be retried.
         @param attemptTimeout: the bound of one attempt (default: the route's timeout).
+        @param trace: record every attempt; the ``Outcome`` or ``RequestFailed`` then
+            carries ``.trace``, the x-ambassador-trace value (SPEC §6), also kept in
+            ``self.traces``.  Off, it costs nothing.
         @return: fires with an ``Outcome``, or fails with ``RequestFailed``.
         """
-        return _Request(self, attempt, key, safe, retryOn, attemptTimeout).start()
+        return _Request(self, attempt, key, safe, retryOn, attemptTimeout, trace).start()
 
     def finished(self, record: RequestRecord) -> None:
         """A request (tcp: connection) ended: count it and write its access-log line."""
@@ -197,12 +209,13 @@ class _Request:
     __slots__ = (
         "core", "attempt", "key", "safe", "retryOn", "attemptTimeout", "deadlineAt", "tries",
         "tried", "result", "current", "member", "timer", "sleeper", "timedOut", "cancelled",
-        "lastFailure", "started",
+        "lastFailure", "started", "trace", "waitFrom", "attemptLeft",
     )
 
     def __init__(
         self, core: RouteCore, attempt: Callable[[Member], Deferred[Any]], key: bytes | None,
         safe: bool, retryOn: Collection[str], attemptTimeout: float | None,
+        trace: bool = False,
     ) -> None:
         self.core = core
         self.attempt = attempt
@@ -219,6 +232,11 @@ class _Request:
         self.timedOut: str | None = None
         self.cancelled = False
         self.lastFailure: AttemptFailed | None = None
+        # Trace entries so far (None: not traced), when the backoff sleep began, and the
+        # deadline left when the current attempt started.
+        self.trace: list[str] | None = [] if trace else None
+        self.waitFrom: float | None = None
+        self.attemptLeft = 0.0
 
     def start(self) -> Deferred[Outcome]:
         core = self.core
@@ -238,7 +256,10 @@ class _Request:
                 self._stop(self.lastFailure)
             else:
                 reason = reasons.NO_UPSTREAM if not core.members else reasons.BREAKER_OPEN
-                self.result.errback(RequestFailed(reason, 0))
+                failed = RequestFailed(reason, 0)
+                if self.trace is not None:
+                    failed.trace = self._traceValue()
+                self.result.errback(failed)
             return
         self.tries += 1
         self.member = member
@@ -246,6 +267,8 @@ class _Request:
         member.attempts += 1
         now = core.clock.seconds()
         left = self.deadlineAt - now
+        if self.trace is not None:
+            self.attemptLeft = left
         if left <= self.attemptTimeout:
             self.timer = core.clock.callLater(max(left, 0.0), self._timeUp, reasons.DEADLINE)
         else:
@@ -279,8 +302,13 @@ class _Request:
         member = self._endAttempt()
         core = self.core
         member.breaker.success()
-        core.events.attemptFinished(core.name, member, reasons.OK, core.clock.seconds() - startedAt)
-        self.result.callback(Outcome(value, self.tries, member))
+        duration = core.clock.seconds() - startedAt
+        core.events.attemptFinished(core.name, member, reasons.OK, duration)
+        outcome = Outcome(value, self.tries, member)
+        if self.trace is not None:
+            self._traceAttempt(member, reasons.OK, startedAt, duration)
+            outcome.trace = self._traceValue()
+        self.result.callback(outcome)
 
     def _failed(self, failure: Failure, startedAt: float) -> None:
         member = self._endAttempt()
@@ -300,6 +328,8 @@ class _Request:
         member.breaker.failure()
         now = core.clock.seconds()
         core.events.attemptFinished(core.name, member, failed.reason, now - startedAt)
+        if self.trace is not None:
+            self._traceAttempt(member, failed.reason, startedAt, now - startedAt)
 
         if (
             self.tries >= core.route.retry.attempts
@@ -321,6 +351,8 @@ class _Request:
             return
         core.events.retried(core.name)
         self.tried.append(member)
+        if self.trace is not None:
+            self.waitFrom = now
         if delay > 0:
             self.sleeper = core.clock.callLater(delay, self._next)
         else:
@@ -331,11 +363,34 @@ class _Request:
         if failed.response is not None:
             assert member is not None
             self.result.callback(
-                Outcome(failed.response, self.tries, member, failed.reason, budgetExhausted)
+                Outcome(failed.response, self.tries, member, failed.reason, budgetExhausted,
+                        None if self.trace is None else self._traceValue())
             )
             return
         reason = reasons.BUDGET_EXHAUSTED if budgetExhausted else failed.reason
-        self.result.errback(RequestFailed(reason, self.tries, member))
+        requestFailed = RequestFailed(reason, self.tries, member)
+        if self.trace is not None:
+            requestFailed.trace = self._traceValue()
+        self.result.errback(requestFailed)
+
+    def _traceAttempt(self, member: Member, result: str, startedAt: float, duration: float) -> None:
+        """One trace entry: ``N UPSTREAM RESULT DURATIONms wait=Wms left=Lms`` (SPEC §6);
+        wait is the backoff actually slept before this attempt, left the deadline left
+        when it started; milliseconds rounded to whole numbers."""
+        assert self.trace is not None
+        waited = 0.0 if self.waitFrom is None else startedAt - self.waitFrom
+        self.waitFrom = None
+        self.trace.append(
+            f"{self.tries} {member.upstream} {result} {round(duration * 1000)}ms "
+            f"wait={round(waited * 1000)}ms left={max(0, round(self.attemptLeft * 1000))}ms"
+        )
+
+    def _traceValue(self) -> str:
+        """The header value of the finished request, remembered for /status."""
+        assert self.trace is not None
+        value = ", ".join(self.trace)
+        self.core.traces.append(value)
+        return value
 
     def _cancel(self, result: Deferred[Outcome]) -> None:
         """The app went away: abandon the attempt under way or the backoff sleep."""

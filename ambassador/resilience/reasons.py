@@ -52,6 +52,8 @@ class RequestFailed(Exception):
         self.reason = reason
         self.attempts = attempts
         self.member = member
+        #: With ``RouteCore.request(..., trace=True)``: the x-ambassador-trace value.
+        self.trace: str | None = None
 
 
 def _isTLSError(value: BaseException) -> bool:
