@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ambassador.config import Config, Route
@@ -32,6 +33,9 @@ class RouteService(Service):
             route, reactor, lambda upstream: memberEndpoint(reactor, upstream, route.tls), observers
         )
         self.factory = plugin.buildFactory(route, self.core, reactor)
+        # The port listens with a switch, so that a reload can hand the same listening
+        # socket to a changed route's new factory (ambassador.reload).
+        self.switch = SwitchFactory(self.factory)
         self.port: Any = None
         self.listening = False
 
@@ -41,7 +45,7 @@ class RouteService(Service):
         Service.privilegedStartService(self)
         endpoint = serverFromString(self.reactor, self.route.listen)
         failures: list[Any] = []
-        d = endpoint.listen(self.factory)
+        d = endpoint.listen(self.switch)
         d.addCallbacks(self._listening, failures.append)
         if failures:
             raise ListenFailed(
@@ -92,6 +96,37 @@ class RouteService(Service):
         return done
 
 
+class SwitchFactory(Factory):
+    """The factory a route's port listens with: it builds protocols with whichever
+    route factory is current, so a reload swaps what new connections get without
+    closing the listening socket (connections already made keep their old factory)."""
+
+    noisy = False
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+
+    def switch(self, factory: Any) -> Any:
+        """Make ``factory`` build new connections; return the one it replaces (still
+        started: stop it with ``doStop`` once its connections are gone)."""
+        factory.doStart()
+        previous, self.current = self.current, factory
+        return previous
+
+    def doStart(self) -> None:
+        self.current.doStart()
+
+    def doStop(self) -> None:
+        self.current.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.current.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.current, "logPrefix", None)
+        return prefix() if prefix is not None else type(self.current).__name__
+
+
 async def _wait(d: Any) -> None:
     if d is not None:
         await d
@@ -104,6 +139,7 @@ class AmbassadorService(MultiService):
                  logObserver: Any = None) -> None:
         MultiService.__init__(self)
         self.config = config
+        self.protocols = protocols  # a reload builds its new routes with these
         self.reactor = reactor
         self.observers: list[Any] = []
         self.logObserver = logObserver
