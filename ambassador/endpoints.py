@@ -38,7 +38,7 @@ def normalizeListen(description: str) -> str:
     if prefix in _LOOPBACK and "interface" not in kwargs:
         description = f"{description}:interface={_LOOPBACK[prefix]}"
     try:
-        serverFromString(MemoryReactor(), description)
+        _checkPort(serverFromString(MemoryReactor(), description), 0)
     except Exception as e:
         raise EndpointError(f"{description!r} is not a usable listen endpoint: {_reason(e)}") from None
     return description
@@ -66,7 +66,7 @@ def checkClientEndpoint(description: str) -> None:
             "version yet; use tcp:, tls: or unix: members"
         )
     try:
-        clientFromString(MemoryReactor(), description)
+        _checkPort(clientFromString(MemoryReactor(), description), 1)
     except Exception as e:
         raise EndpointError(f"{description!r} is not a usable member endpoint: {_reason(e)}") from None
 
@@ -77,6 +77,15 @@ def memberHost(description: str) -> str | None:
     if args[0] in ("tcp", "tls", "ssl") and (len(args) > 1 or "host" in kwargs):
         return kwargs.get("host", args[1] if len(args) > 1 else None)
     return None
+
+
+def _checkPort(endpoint: Any, lowest: int) -> None:
+    """Twisted's parsers take any integer as a port; the OS refuses it only at bind or
+    connect time, which is too late for a config check."""
+    endpoint = getattr(endpoint, "_wrappedEndpoint", endpoint)
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not lowest <= port <= 65535:
+        raise ValueError(f"port {port} is not between {lowest} and 65535")
 
 
 def _reason(e: Exception) -> str:
