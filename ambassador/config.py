@@ -401,6 +401,8 @@ def _parseRoute(
     tls = values.get("tls")
     if tls is not None and (tls.certificate is None) != (tls.privateKey is None):
         errors.add(where, "tls.certificate", "certificate and private_key go together")
+    elif tls is not None:
+        _checkTLS(errors, where, tls, values.get("upstreams", ()))
     if values.get("balance") == "hash" and plugin is not None and not plugin.keyHashing:
         errors.add(where, "balance", f'"hash" needs requests with keys (line routes), not {protocolName}')
     if len(errors.messages) != before:
@@ -409,6 +411,39 @@ def _parseRoute(
     for key, message in plugin.validate(route) if plugin is not None else ():
         errors.add(where, key, message)
     return route if len(errors.messages) == before else None
+
+
+def _checkTLS(errors: _Errors, where: str, tls: TLSPolicy, upstreams: Sequence[str]) -> None:
+    """``[route.tls]``: files that parse, a key that matches its certificate, members
+    it can wrap (SPEC §2; the contents are checked here so that a bad file stops the
+    process before anything binds, not at the first connection)."""
+    from ambassador.tls import TLSFileError, loadCertificates, loadPrivateCertificate
+    from ambassador.upstream import isTLSMember, tlsServerName
+
+    if tls.trustRoots is not None:
+        try:
+            loadCertificates(tls.trustRoots, "trust_roots")
+        except TLSFileError as e:
+            errors.add(where, "tls.trust_roots", str(e))
+    if tls.certificate is not None:
+        try:
+            loadPrivateCertificate(tls.certificate, tls.privateKey)
+        except TLSFileError as e:
+            key = "tls.private_key" if "private key" in str(e) else "tls.certificate"
+            errors.add(where, key, str(e))
+    for i, member in enumerate(upstreams):
+        if isTLSMember(member):
+            errors.add(
+                where, "tls",
+                f"member {member!r} (upstreams[{i + 1}]) already speaks TLS; [route.tls] would "
+                "wrap it twice: use a tcp: member with [route.tls], or the tls: string's own "
+                "trustRoots=/certificate=/privateKey=",
+            )
+        elif tlsServerName(member, tls) is None:
+            errors.add(
+                where, "tls.server_name",
+                f"is required: member {member!r} (upstreams[{i + 1}]) has no host name to verify",
+            )
 
 
 def parseRouteSpec(spec: str, protocols: Mapping[str, Any]) -> dict[str, Any]:
@@ -519,23 +554,40 @@ def loadConfig(
             errors.source = "--route"
         route = _parseRoute(errors, index, raw, where, common, tables, protocols)
         errors.source = errorSource
-        if route is None:
-            continue
-        if route.name in seenNames:
-            errors.add(where, "name", f'duplicate route name "{route.name}" (also {seenNames[route.name]})')
-        else:
-            seenNames[route.name] = where
-        key = listenKey(route.listen)
-        if key in seenListens:
-            errors.add(where, "listen", f"{route.listen} is also the listen endpoint of {seenListens[key]}")
-        else:
+        # A route with other errors still claims its name and listen endpoint, so
+        # that a clash with it is reported in this same run, not the next one.
+        name, listen = (route.name, route.listen) if route is not None else _claims(raw, index)
+        if name is not None and name in seenNames:
+            errors.add(where, "name", f'duplicate route name "{name}" (also {seenNames[name]})')
+        elif name is not None:
+            seenNames[name] = where
+        key = listenKey(listen) if listen is not None else None
+        if key is not None and key in seenListens:
+            errors.add(where, "listen", f"{listen} is also the listen endpoint of {seenListens[key]}")
+        elif key is not None:
             seenListens[key] = where
-        routes.append(route)
+        if route is not None:
+            routes.append(route)
     if not candidates and not errors.messages:
         errors.add(None, "route", "no routes: give at least one [[route]] or --route")
     if errors.messages:
         raise ConfigError(errors.messages)
     return Config(source=path, admin=adminListen, dns=dns, routes=tuple(routes))
+
+
+def _claims(raw: Any, index: int) -> tuple[str | None, str | None]:
+    """The name and normalized listen endpoint of a route table that failed validation,
+    where they can be told."""
+    if not isinstance(raw, dict):
+        return None, None
+    name, protocolName = raw.get("name"), raw.get("protocol")
+    if not (isinstance(name, str) and _NAME.match(name)):
+        name = f"{protocolName}-{index}" if name is None and isinstance(protocolName, str) else None
+    try:
+        listen = normalizeListen(_str(raw.get("listen")))
+    except (ValueError, EndpointError):
+        listen = None
+    return name, listen
 
 
 def _list(value: Any, parse: Callable[[Any], Any]) -> tuple[Any, ...]:

@@ -529,3 +529,12 @@ def test_unknown_dialect_of_an_installed_protocol_is_refused(tmp_path):
         text += f'{plugin.dialectOption} = "no-such-dialect"\n'
         errors = refused(tmp_path, text)
         assertNamed(errors, str(tmp_path / "ambassador.toml"), 'route "web"', plugin.dialectOption)
+
+
+def test_a_clash_with_a_route_that_has_other_errors_is_reported_in_the_same_run(tmp_path):
+    errors = refused(tmp_path, WEB + "timeout = 0\n" + ROUTE_B.replace("tcp:18081", "tcp:18080")
+                     + ROUTE_B.replace("tcp:18081", "tcp:18082").replace('"b"', '"web"'))
+    path = str(tmp_path / "ambassador.toml")
+    assertNamed(errors, path, 'route "web"', "timeout")
+    assertNamed(errors, path, 'route "b"', "listen")
+    assertNamed(errors, path, 'route "web"', "name")
