@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -144,10 +144,23 @@ class AmbassadorService(MultiService):
         self.observers: list[Any] = []
         self.logObserver = logObserver
         self.routes: dict[str, RouteService] = {}
+        # Metrics read the routes when scraped (they change on reload): pass a view.
+        from ambassador.metrics import Metrics
+
+        self.metrics = Metrics(lambda: [r.core for r in self.routes.values()])
+        self.observers.append(self.metrics)
+        self.draining = False
         for route in config.routes:
             routeService = RouteService(route, protocols[route.protocol], reactor, self.observers)
             routeService.setServiceParent(self)
             self.routes[route.name] = routeService
+        self.admin: Any = None
+        if config.admin is not None:
+            from ambassador.admin import AdminService
+
+            # Added after the routes: it binds after them, and a port in use exits too.
+            self.admin = AdminService(config.admin, self, reactor)
+            self.admin.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         MultiService.setServiceParent(self, parent)
@@ -164,6 +177,8 @@ class AmbassadorService(MultiService):
             for routeService in self.routes.values():
                 if routeService.port is not None:
                     routeService.port.stopListening()
+            if self.admin is not None and self.admin.port is not None:
+                self.admin.port.stopListening()
             sys.stderr.write(f"ambassador: {e}\n")
             sys.stderr.flush()
             raise SystemExit(1)
@@ -178,8 +193,21 @@ class AmbassadorService(MultiService):
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
 
+    def stopService(self) -> Deferred[Any]:
+        """Stop every route (each drains); the admin endpoint keeps answering, /ready
+        with 503, until they are all done, so probes see the drain (SPEC §7)."""
+        self.draining = True
+        admin = self.admin
+        Service.stopService(self)
+        stopped = DeferredList(
+            [maybeDeferred(s.stopService) for s in reversed(list(self)) if s is not admin]
+        )
+        if admin is not None and admin.running:
+            stopped.addBoth(lambda _: admin.stopService())
+        return stopped
+
     @property
     def ready(self) -> bool:
-        return self.running and all(
+        return self.running and not self.draining and all(
             r.listening and r.core.hasUsableMember for r in self.routes.values()
         )
