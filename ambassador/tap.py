@@ -66,8 +66,18 @@ def makeService(options: Options, reactor: Any = None) -> Any:
             sys.stderr.write(f"  {error}\n")
         sys.stderr.flush()
         raise SystemExit(1)
-    if options["command"]:
-        sys.stderr.write("ambassador: wrapper mode (-- CMD) is not available in this version yet\n")
-        raise SystemExit(2)
     observer = jsonObserver(sys.stdout) if options["log-format"] == "json" else None
-    return AmbassadorService(config, protocols, reactor, logObserver=observer)
+    ambassador = AmbassadorService(config, protocols, reactor, logObserver=observer)
+
+    from ambassador.reload import Reloader
+
+    def reloadConfig() -> Any:
+        # The same sources as at start: the file is read again, --route/--admin stay.
+        return loadConfig(options["config"], options["route"], options["admin"], protocols)
+
+    Reloader(ambassador, reloadConfig, reactor).setServiceParent(ambassador)
+    if options["command"]:
+        from ambassador.wrapper import Wrapper
+
+        Wrapper(ambassador, options["command"], reactor).setServiceParent(ambassador)
+    return ambassador
