@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from zope.interface import implementer
 
 from ambassador.interfaces import IRouteObserver
@@ -32,7 +31,10 @@ DURATION_BUCKETS = (
     30.0, 60.0, 300.0,
 )
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The classic text format, which every Prometheus (and every other scraper) reads;
+#: prometheus_client 0.22+ announces version=1.0.0, which only Prometheus 3 knows, for
+#: the same bytes when every name is a classic one, as ours are.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Bytes sent towards the members (RequestRecord.bytesIn: what the app sent us) and
 #: bytes sent to the app (RequestRecord.bytesOut).

@@ -1,0 +1,90 @@
+"""Access-log lines and --log-format json (SPEC §6)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, Logger
+from twisted.python.failure import Failure
+
+from ambassador.config import Route
+from ambassador.logs import ACCESS_FIELDS, formatJSON, jsonObserver
+from ambassador.resilience import RequestRecord, RouteCore
+from ambassador.resilience import core as coreModule
+
+
+def makeCore(accessLog: bool) -> RouteCore:
+    route = Route(name="r", protocol="tcp", listen="tcp:1:interface=127.0.0.1",
+                  upstreams=("tcp:127.0.0.1:1",), accessLog=accessLog)
+    return RouteCore(route, Clock(), lambda upstream: None)
+
+
+@pytest.fixture
+def accessEvents(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The events the core's access logger emits."""
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(coreModule, "accessLog",
+                        Logger(namespace="ambassador.access", observer=events.append))
+    return events
+
+
+def test_an_access_event_has_every_spec_field(accessEvents: list[dict[str, Any]]) -> None:
+    makeCore(True).finished(
+        RequestRecord("tcp:127.0.0.1:1", 2, "ok", 0.0125, bytesIn=7, bytesOut=9, status=200)
+    )
+    [event] = accessEvents
+    assert {k: event[k] for k in ACCESS_FIELDS} == {
+        "route": "r", "upstream": "tcp:127.0.0.1:1", "attempts": 2, "result": "ok",
+        "status": 200, "bytes_in": 7, "bytes_out": 9, "duration_ms": 12.5,
+    }
+
+
+def test_access_log_off_emits_no_event(accessEvents: list[dict[str, Any]]) -> None:
+    class Unformattable:
+        def __format__(self, spec: str) -> str:
+            raise AssertionError("formatted although the access log is off")
+
+    record = RequestRecord(Unformattable(), 1, "ok", 0.1)  # type: ignore[arg-type]
+    makeCore(False).finished(record)
+    assert accessEvents == []
+
+
+def test_json_access_line_has_exactly_the_access_fields(
+    accessEvents: list[dict[str, Any]],
+) -> None:
+    makeCore(True).finished(RequestRecord(None, 0, "breaker-open", 0.001))
+    line = formatJSON(accessEvents[0])
+    assert line.endswith("\n") and line.count("\n") == 1
+    document = json.loads(line)
+    assert list(document) == list(ACCESS_FIELDS)
+    assert document["upstream"] is None and document["status"] is None
+    assert document["result"] == "breaker-open" and document["attempts"] == 0
+
+
+def test_other_events_are_one_line_with_their_message_and_traceback() -> None:
+    stream = io.StringIO()
+    log = Logger(namespace="ambassador", observer=jsonObserver(stream))
+    log.info("route {route}: breaker of {upstream} is {state}", route="r",
+             upstream="tcp:a:1", state="open")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("it broke\non two lines", Failure())
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["message"] == "route r: breaker of tcp:a:1 is open"
+    assert first["level"] == LogLevel.info.name and first["namespace"] == "ambassador"
+    assert isinstance(first["time"], float)
+    assert second["level"] == "critical"
+    assert "ZeroDivisionError" in second["failure"]
+
+
+def test_a_field_json_cannot_encode_still_gives_a_valid_line() -> None:
+    event = {"log_namespace": "ambassador.access", "route": object(), "attempts": 1}
+    document = json.loads(formatJSON(event))
+    assert document["route"].startswith("<object")
