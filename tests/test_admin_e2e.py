@@ -323,3 +323,33 @@ def test_admin_none_turns_it_off(tmp_path) -> None:
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", admin), timeout=1).close()
         assert "admin listening" not in amb.log()
+
+
+def test_ready_is_503_while_draining_and_the_admin_answers_until_the_end(tmp_path) -> None:
+    import signal
+
+    listen, admin = freePort(), freePort()
+    with echoServer() as live:
+        config = f"""
+[[route]]
+name = "slow"
+protocol = "tcp"
+listen = "tcp:{listen}"
+upstreams = ["{live.address}"]
+drain_timeout = "20s"
+"""
+        amb = Ambassador(tmp_path, config=config, args=["--admin", f"tcp:{admin}"])
+        try:
+            held = socket.create_connection(("127.0.0.1", listen), timeout=5)
+            held.sendall(b"hold")
+            assert held.recv(10) == b"hold"
+            assert get(admin, "/ready")[0] == 200
+            amb.signal(signal.SIGTERM)
+            amb.waitForLog(r"draining 1 connections")
+            assert get(admin, "/ready")[0] == 503
+            assert get(admin, "/live")[0] == 200
+            assert amb.process.poll() is None
+            held.close()
+            assert amb.wait(15) == 0
+        finally:
+            amb.stop()
