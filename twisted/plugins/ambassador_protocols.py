@@ -5,5 +5,6 @@ Third-party packages add protocols the same way: a module under their own
 """
 
 from ambassador.protocols.tcp import tcpProtocol
+from ambassador.protocols.http import httpProtocol  # noqa: F401
 
 __all__ = ["tcpProtocol"]
