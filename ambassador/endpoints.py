@@ -65,6 +65,13 @@ def checkClientEndpoint(description: str) -> None:
             f"{description!r}: {args[0]}: members (DNS discovery) are not available in this "
             "version yet; use tcp:, tls: or unix: members"
         )
+    if args[0] == "tls":
+        from ambassador.tls import TLSFileError, checkTLSMemberString
+
+        try:
+            checkTLSMemberString(description, args, kwargs)
+        except TLSFileError as e:
+            raise EndpointError(f"{description!r} is not a usable member endpoint: {e}") from None
     try:
         _checkPort(clientFromString(MemoryReactor(), description), 1)
     except Exception as e:

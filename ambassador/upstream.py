@@ -1,4 +1,13 @@
-"""Member endpoints: endpoint strings to client endpoints, with the route's TLS."""
+"""Member endpoints: endpoint strings to client endpoints, with the route's TLS.
+
+Two ways to reach a member over TLS (SPEC §5): a ``tls:`` endpoint string (Twisted's
+own parser: chain and host name verified, ``trustRoots``, ``certificate``/
+``privateKey``), or a route's ``[route.tls]`` table, which wraps whatever the member
+string connects (``tcp:``, ``unix:``, ...) with ``wrapClientTLS`` and
+``optionsForClientTLS``.  Either way the endpoint is put behind
+:class:`ambassador.tls.VerifiedTLSEndpoint`, so that an attempt succeeds only after a
+verified handshake and a bad certificate is a ``tls-error``, whatever the protocol.
+"""
 
 from __future__ import annotations
 
@@ -8,51 +17,41 @@ from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from ambassador.endpoints import memberHost
+from ambassador.tls import VerifiedTLSEndpoint, clientOptions
+
+#: Member endpoint-string prefixes that speak TLS through Twisted's TLS wrapper.
+TLS_PREFIXES = ("tls",)
 
 
-def memberEndpoint(reactor: Any, upstream: str, tls: Any = None) -> IStreamClientEndpoint:
+def isTLSMember(upstream: str) -> bool:
+    """Does this member endpoint string already speak TLS by itself?"""
+    return upstream.split(":", 1)[0] in TLS_PREFIXES
+
+
+def tlsServerName(upstream: str, tls: Any) -> str | None:
+    """The name a ``[route.tls]`` member's certificate must carry (also sent as SNI):
+    ``server_name``, else the member's host; None when neither exists (``unix:``)."""
+    return tls.serverName or memberHost(upstream)
+
+
+def memberEndpoint(
+    reactor: Any, upstream: str, tls: Any = None, route: str | None = None,
+) -> IStreamClientEndpoint:
     """The client endpoint for a member, wrapped in TLS when the route has ``[route.tls]``.
 
-    Verification is always on: the name checked (and sent as SNI) is ``server_name``
-    or the member's host.
+    Verification is always on.  Certificate files are read here, once per endpoint
+    built (a reload builds new endpoints, so rotated files are picked up then).
+
+    @param tls: the route's ``TLSPolicy`` or None.
+    @param route: the route's name, for the log line of a failed handshake.
+    @raise ambassador.tls.TLSFileError: a certificate file became unusable after the
+        config was checked.
     """
     endpoint = clientFromString(reactor, upstream)
     if tls is None:
+        if isTLSMember(upstream):
+            return VerifiedTLSEndpoint(endpoint, route=route, upstream=upstream)
         return endpoint
-    from twisted.internet.ssl import (
-        Certificate,
-        PrivateCertificate,
-        optionsForClientTLS,
-        platformTrust,
-        trustRootFromCertificates,
-    )
-
-    serverName = tls.serverName or memberHost(upstream) or "localhost"
-    trustRoot: Any = platformTrust()
-    if tls.trustRoots is not None:
-        trustRoot = trustRootFromCertificates(_loadCertificates(tls.trustRoots, Certificate))
-    clientCertificate = None
-    if tls.certificate is not None:
-        with open(tls.certificate, "rb") as c, open(tls.privateKey, "rb") as k:
-            clientCertificate = PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
-    options = optionsForClientTLS(serverName, trustRoot=trustRoot, clientCertificate=clientCertificate)
-    return wrapClientTLS(options, endpoint)
-
-
-def _loadCertificates(path: str, certificateType: Any) -> list[Any]:
-    """Every PEM certificate in a file, or in every file of a directory."""
-    import os
-    import re
-
-    files = [path]
-    if os.path.isdir(path):
-        files = [os.path.join(path, name) for name in sorted(os.listdir(path))]
-    certificates = []
-    pattern = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-    for name in files:
-        if not os.path.isfile(name):
-            continue
-        with open(name, "rb") as f:
-            for block in pattern.findall(f.read()):
-                certificates.append(certificateType.loadPEM(block))
-    return certificates
+    serverName = tlsServerName(upstream, tls) or "localhost"
+    options = clientOptions(serverName, tls.trustRoots, tls.certificate, tls.privateKey)
+    return VerifiedTLSEndpoint(wrapClientTLS(options, endpoint), route=route, upstream=upstream)
