@@ -30,7 +30,8 @@ class RouteService(Service):
         self.name = route.name
         self.reactor = reactor
         self.core = RouteCore(
-            route, reactor, lambda upstream: memberEndpoint(reactor, upstream, route.tls), observers
+            route, reactor, lambda upstream: memberEndpoint(reactor, upstream, route.tls, route=route.name),
+            observers,
         )
         self.factory = plugin.buildFactory(route, self.core, reactor)
         # The port listens with a switch, so that a reload can hand the same listening
