@@ -21,7 +21,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
+from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -80,9 +85,80 @@ class MTLSServerParser:
                 "mtls: needs caCerts= (PEM CA certificates that sign the client certificates)"
             )
         options = mtlsContextFactory(privateKey, certKey, caCerts, extraCertChain)
-        return SSL4ServerEndpoint(
-            reactor, portNumber, options, backlog=int(backlog), interface=interface
+        return VerifiedClientsServerEndpoint(
+            SSL4ServerEndpoint(reactor, portNumber, options, backlog=int(backlog), interface=interface)
         )
+
+
+@implementer(IStreamServerEndpoint)
+class VerifiedClientsServerEndpoint:
+    """A TLS server endpoint whose protocols exist only for verified clients.
+
+    Twisted connects the application's protocol when the TCP connection is accepted,
+    before the handshake; a route would then start its member connection for a
+    client that is about to be refused.  Here the application's protocol is built
+    and connected only once the handshake (client certificate included) succeeded.
+    """
+
+    def __init__(self, wrapped: Any) -> None:
+        # Named like Twisted's wrapper endpoints, which the config's port check unwraps.
+        self._wrappedEndpoint = wrapped
+
+    def listen(self, protocolFactory: Any) -> Any:
+        return self._wrappedEndpoint.listen(_ServerGateFactory(protocolFactory))
+
+
+@implementer(IHandshakeListener)
+class _ServerGate(Protocol):
+    """Holds an accepted TLS connection until its handshake is done."""
+
+    def __init__(self, factory: Any, address: Any) -> None:
+        self.applicationFactory = factory
+        self.address = address
+
+    def connectionMade(self) -> None:
+        pass
+
+    def handshakeCompleted(self) -> None:
+        tls: Any = self.transport
+        if getattr(tls, "disconnecting", False):
+            return
+        application = self.applicationFactory.buildProtocol(self.address)
+        if application is None:
+            tls.abortConnection()
+            return
+        tls.wrappedProtocol = application
+        application.makeConnection(tls)
+        if IHandshakeListener.providedBy(application):
+            application.handshakeCompleted()
+
+    def dataReceived(self, data: bytes) -> None:  # pragma: no cover
+        pass  # TLS delivers no application data before the handshake completes
+
+    def connectionLost(self, reason: Any = None) -> None:
+        pass  # refused or gone before the handshake: the application never knew it
+
+
+class _ServerGateFactory(Factory):
+    """Builds gates; starts, stops and names itself after the application's factory."""
+
+    noisy = False
+
+    def __init__(self, factory: Any) -> None:
+        self.applicationFactory = factory
+
+    def doStart(self) -> None:
+        self.applicationFactory.doStart()
+
+    def doStop(self) -> None:
+        self.applicationFactory.doStop()
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.applicationFactory, "logPrefix", None)
+        return prefix() if prefix is not None else type(self.applicationFactory).__name__
+
+    def buildProtocol(self, addr: Any) -> _ServerGate:
+        return _ServerGate(self.applicationFactory, addr)
 
 
 mtlsServerParser = MTLSServerParser()
