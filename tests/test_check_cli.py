@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ambassador.__main__ import main
+
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = sorted((ROOT / "conf").glob("*.toml"))
 BAD = sorted((ROOT / "conf" / "bad").glob("*.toml"))
@@ -87,21 +89,34 @@ def test_a_bad_config_written_by_a_user_is_refused_naming_file_route_and_key(tmp
     assert errors[1].startswith(f'{path}: route "pay": key "retry.backoff_max": ')
 
 
-def test_route_options_alone_pass_check():
-    result = check("--route", "tcp tcp:18090 tcp:127.0.0.1:9100", "--route", "tcp tcp:18091 unix:/tmp/x")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith('route "tcp-1": tcp on tcp:18090:interface=127.0.0.1 -> ')
-    assert lines[1].startswith('route "tcp-2": tcp on tcp:18091:interface=127.0.0.1 -> ')
+# The rest run ``main()`` in this process: the same code path as the command, without
+# paying a Python start-up per case.
 
 
-def test_bad_route_option_is_refused():
-    result = check("--route", "tcp tcp:18090")
-    assert result.returncode == 1
-    assert "--route[1]" in result.stderr
+def test_route_options_alone_pass_check(capsys):
+    code = main(["check", "--route", "tcp tcp:18090 tcp:127.0.0.1:9100", "--route", "tcp tcp:18091 unix:/tmp/x"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith('route "tcp-1": tcp on tcp:18090:interface=127.0.0.1 -> tcp:127.0.0.1:9100 ')
+    assert lines[1].startswith('route "tcp-2": tcp on tcp:18091:interface=127.0.0.1 -> unix:/tmp/x ')
+    assert lines[2] == "admin: tcp:9901:interface=127.0.0.1"
 
 
-def test_check_without_config_or_route_is_a_usage_error():
-    result = check()
-    assert result.returncode != 0
-    assert "usage" in result.stderr.lower()
+def test_admin_none_turns_the_admin_endpoint_off(capsys):
+    assert main(["check", "--route", "tcp tcp:18090 tcp:127.0.0.1:9100", "--admin", "none"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "admin: off"
+
+
+def test_bad_route_option_is_refused(capsys):
+    assert main(["check", "--route", "tcp tcp:18090"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("--route: --route[1]: ")
+
+
+def test_check_without_config_or_route_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["check"])
+    assert info.value.code != 0
+    assert "usage" in capsys.readouterr().err.lower()
