@@ -134,9 +134,9 @@ def carryMembers(oldCore: Any, newCore: Any) -> list[str]:
 def countReload(ambassador: Any, result: str) -> None:
     """Count a reload in ``ambassador_config_reloads_total{result}``.
 
-    The hook: every object in ``ambassador.observers`` (and ``ambassador.metrics``,
-    if set) that has a ``configReloaded(result)`` method is told; ``result`` is
-    ``"ok"`` or ``"error"``.
+    Every object in ``ambassador.observers`` (and ``ambassador.metrics``, if set)
+    that has a ``configReloaded(ok: bool)`` method (``ambassador.metrics.Metrics``)
+    is told; ``result`` is ``"ok"`` or ``"error"``.
     """
     seen: set[int] = set()
     for target in [getattr(ambassador, "metrics", None), *ambassador.observers]:
@@ -145,7 +145,7 @@ def countReload(ambassador: Any, result: str) -> None:
         seen.add(id(target))
         method = getattr(target, "configReloaded", None)
         if method is not None:
-            method(result)
+            method(result == OK)
 
 
 class Reloader(Service):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -147,18 +149,33 @@ def test_sighup_changing_retry_attempts_applies_to_new_connections(tmp_path):
         assert "changed: r" in amb.log()
 
 
-def test_an_invalid_config_on_sighup_is_logged_and_the_old_routes_keep_serving(tmp_path, member):
-    a = freePort()
+def reloadsCounted(admin: int) -> dict[str, float]:
+    """``ambassador_config_reloads_total`` by result, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+    counts = {}
+    for line in text.splitlines():
+        match = re.match(r'ambassador_config_reloads_total\{result="(\w+)"\} (\S+)', line)
+        if match:
+            counts[match[1]] = float(match[2])
+    return counts
+
+
+def test_an_invalid_config_on_sighup_is_logged_counted_and_the_old_routes_keep_serving(
+    tmp_path, member
+):
+    a, admin = freePort(), freePort()
     good = DEFAULTS + route("a", a, member.port)
-    with Ambassador(tmp_path, config=good) as amb:
+    with Ambassador(tmp_path, config=good, args=["--admin", f"tcp:{admin}"]) as amb:
         bad = good.replace('protocol = "tcp"', 'protocol = "tcp"\nretries = 3').replace(
             'drain_timeout = "10s"', 'drain_timeout = "-1s"')
         reload(amb, bad, 1, pattern=r"the configuration is refused \(\d+ errors\)")
         log = amb.log()
         assert 'key "retries"' in log and "drain_timeout" in log
         assert exchange(a, b"kept") == b"KEPT"
+        assert reloadsCounted(admin) == {"ok": 0.0, "error": 1.0}
         # and a later good file is applied as usual
         reload(amb, good + route("b", freePort(), member.port), 1)
+        assert reloadsCounted(admin) == {"ok": 1.0, "error": 1.0}
     assert amb.process.returncode == 0
 
 
