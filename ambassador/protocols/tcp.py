@@ -273,6 +273,8 @@ class _AppSide(Protocol):
             self.idleCall.cancel()
         self.idleCall = None
         if self.pending is not None:
+            # No member connection was made: not "ok" (SPEC §4/tcp), but the app's doing.
+            self.result = reasons.CLIENT_CLOSED
             self.pending.cancel()
         if self.member is not None:
             if reason.check(ierror.ConnectionDone):

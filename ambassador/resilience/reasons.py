@@ -17,6 +17,8 @@ BUDGET_EXHAUSTED = "budget-exhausted"
 OVERLOADED = "overloaded"
 NO_UPSTREAM = "no-upstream"
 UNSUPPORTED = "unsupported"
+#: The app closed its connection before it had an answer (nginx's 499).
+CLIENT_CLOSED = "client-closed"
 OK = "ok"
 
 #: Reasons a retry may follow, when the protocol does not narrow them.
