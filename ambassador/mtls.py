@@ -65,7 +65,19 @@ class MTLSServerParser:
 
     prefix = "mtls"
 
-    def parseStreamServer(
+    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
+        """``mtls:PORT:privateKey=...:certKey=...:caCerts=...[:interface=...][:backlog=...]
+        [:extraCertChain=...]`` -> an endpoint that requires client certificates."""
+        known = {"privateKey", "certKey", "caCerts", "interface", "backlog", "extraCertChain"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown or len(args) > 1:
+            raise ValueError(
+                f"mtls: unknown option(s) {', '.join(unknown) or args[1:]!r} "
+                f"(known: PORT, {', '.join(sorted(known))})"
+            )
+        return self._parse(reactor, *args, **kwargs)
+
+    def _parse(
         self, reactor: Any, port: str | None = None, *, privateKey: str | None = None,
         certKey: str | None = None, caCerts: str | None = None, interface: str = "",
         backlog: str = "50", extraCertChain: str | None = None,

@@ -165,9 +165,7 @@ def describeHandshakeFailure(reason: Failure, handle: Any) -> tuple[str, str]:
                 chain = handle.get_peer_cert_chain()
                 peer = chain[0] if chain else None
             if peer is not None:
-                subject = ", ".join(
-                    f"{k.decode()}={v.decode(errors='replace')}" for k, v in peer.get_subject().get_components()
-                ) or "(empty subject)"
+                subject = peer.to_cryptography().subject.rfc4514_string() or "(empty subject)"
         except Exception:  # pragma: no cover - diagnostics must never raise
             pass
     value = reason.value
