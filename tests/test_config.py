@@ -538,3 +538,34 @@ def test_a_clash_with_a_route_that_has_other_errors_is_reported_in_the_same_run(
     assertNamed(errors, path, 'route "web"', "timeout")
     assertNamed(errors, path, 'route "b"', "listen")
     assertNamed(errors, path, 'route "web"', "name")
+
+
+# --- the line protocol, when installed (SPEC §4/line) --------------------------------
+
+lineInstalled = pytest.mark.skipif("line" not in loadProtocols(), reason="no line protocol installed")
+LINE = WEB.replace('"tcp"\n', '"line"\n', 1)
+
+
+@lineInstalled
+@pytest.mark.parametrize("dialect", ["line", "redis", "memcached"])
+def test_line_routes_take_a_dialect_and_hash_balance(tmp_path, dialect):
+    (route,) = load(tmp_path, LINE + f'dialect = "{dialect}"\nbalance = "hash"\n').routes
+    assert (route.protocol, route.options["dialect"], route.balance) == ("line", dialect, "hash")
+
+
+@lineInstalled
+def test_line_dialect_from_a_route_option(tmp_path):
+    (route,) = load(tmp_path, None, routes=["line:redis tcp:18090 tcp:127.0.0.1:6379"]).routes
+    assert (route.name, route.options["dialect"]) == ("line-1", "redis")
+
+
+@lineInstalled
+@pytest.mark.parametrize("text, routes, where, key", [
+    (LINE + 'dialect = "mongo"\n', (), 'route "web"', "dialect"),
+    (LINE + "dialect = 3\n", (), 'route "web"', "dialect"),
+    (None, ["line:mongo tcp:18090 tcp:127.0.0.1:6379"], 'route "line-1" (--route 1)', "dialect"),
+])
+def test_unknown_line_dialect_is_refused(tmp_path, text, routes, where, key):
+    errors = refused(tmp_path, text, routes)
+    source = str(tmp_path / "ambassador.toml") if text is not None else "--route"
+    assertNamed(errors, source, where, key)
