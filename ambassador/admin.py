@@ -119,7 +119,7 @@ class _QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         pass
 
 
@@ -127,7 +127,7 @@ class AdminService(Service):
     """Listens on the admin endpoint; binds in privilegedStartService like the routes,
     so a port in use stops the process before it reports itself started."""
 
-    name = "admin"
+    # No service name: routes are named services, and a route may be called "admin".
 
     def __init__(self, listen: str, ambassador: Any, reactor: Any) -> None:
         self.listen = listen

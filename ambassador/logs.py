@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, LogEvent, formatEvent
+from twisted.logger import FileLogObserver, LogEvent, formatEvent
 
 #: The namespace of access-log events (one per request / tcp connection).
 ACCESS_NAMESPACE = "ambassador.access"
@@ -40,13 +40,13 @@ def formatJSON(event: LogEvent) -> str:
         if failure is not None:
             try:
                 record["failure"] = failure.getTraceback()
-            except Exception:  # a broken failure must not take logging down with it
+            except Exception:  # noqa: BLE001 - a broken failure must not take logging down with it
                 record["failure"] = repr(failure)
     # default=str: a field holding some object still makes a valid line.
     return json.dumps(record, default=str, ensure_ascii=False) + "\n"
 
 
-def jsonObserver(stream: IO[str]) -> ILogObserver:
+def jsonObserver(stream: IO[str]) -> FileLogObserver:
     """An observer writing ``formatJSON`` lines to ``stream`` (flushed per event).
 
     Not ``jsonFileLogObserver``: besides its internal keys, its default record

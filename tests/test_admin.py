@@ -122,12 +122,13 @@ def test_service_binds_in_privileged_start_and_stops_listening() -> None:
     reactor = MemoryReactor()
     service = AdminService("tcp:9901:interface=127.0.0.1", FakeAmbassador(), reactor)
     service.privilegedStartService()
-    [(port, factory, backlog, interface)] = reactor.tcpServers
+    [(port, factory, _backlog, interface)] = reactor.tcpServers
     assert (port, interface) == (9901, "127.0.0.1")
+    assert factory is service.site
     service.startService()
-    service.stopService()
-    assert reactor.tcpServers  # MemoryReactor keeps the record; the port object was stopped
-    assert service.port is None
+    stopped: list[Any] = []
+    service.stopService().addCallback(stopped.append)
+    assert stopped == [None] and service.port is None
 
 
 def test_service_refuses_a_port_it_cannot_bind() -> None:
@@ -142,3 +143,30 @@ def test_service_refuses_a_port_it_cannot_bind() -> None:
     service = AdminService("tcp:9901:interface=127.0.0.1", FakeAmbassador(), Busy())
     with pytest.raises(ListenFailed, match="admin: cannot listen on tcp:9901"):
         service.privilegedStartService()
+
+
+def test_the_process_serves_admin_next_to_a_route_named_admin_and_unreadies_on_stop() -> None:
+    from ambassador.config import Config, DNSConfig
+    from ambassador.protocols.tcp import tcpProtocol
+    from ambassador.service import AmbassadorService
+
+    route = Route(name="admin", protocol="tcp", listen="tcp:8080:interface=127.0.0.1",
+                  upstreams=("tcp:127.0.0.1:9",))
+    config = Config(source=None, admin="tcp:9901:interface=127.0.0.1", dns=DNSConfig(),
+                    routes=(route,))
+    class Reactor(MemoryReactor, Clock):
+        def __init__(self) -> None:
+            MemoryReactor.__init__(self)
+            Clock.__init__(self)
+
+    reactor = Reactor()
+    ambassador = AmbassadorService(config, {"tcp": tcpProtocol}, reactor)
+    ambassador.privilegedStartService()
+    ambassador.startService()
+    assert sorted(port for port, *_ in reactor.tcpServers) == [8080, 9901]
+    assert ambassador.metrics in ambassador.observers
+    assert ambassador.ready
+    assert render(ambassador, "/ready")[0] == 200
+    ambassador.stopService()
+    assert not ambassador.ready
+    assert render(ambassador, "/ready")[0] == 503

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ambassador.config import Route
@@ -71,7 +71,7 @@ def test_other_events_are_one_line_with_their_message_and_traceback() -> None:
     log.info("route {route}: breaker of {upstream} is {state}", route="r",
              upstream="tcp:a:1", state="open")
     try:
-        1 / 0
+        raise ZeroDivisionError("boom")
     except ZeroDivisionError:
         log.failure("it broke\non two lines", Failure())
     lines = stream.getvalue().splitlines()
