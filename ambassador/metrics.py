@@ -21,11 +21,15 @@ truth.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
-    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
 from prometheus_client.utils import floatToGoString
 from zope.interface import implementer
@@ -55,7 +59,7 @@ DOWNSTREAM = "downstream"
 class _RouteCounts:
     """One route's unlabelled-but-route counters; a slot each, no lock."""
 
-    __slots__ = ("retries", "bytesUp", "bytesDown", "count", "sum", "buckets")
+    __slots__ = ("buckets", "bytesDown", "bytesUp", "count", "retries", "sum")
 
     def __init__(self) -> None:
         self.retries = 0

@@ -14,10 +14,9 @@ import urllib.request
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from harness import Ambassador, freePort
 from peers import echoServer, refusingAddress
+from prometheus_client.parser import text_string_to_metric_families
 
 SPEC_FAMILIES = {
     # family name as the parser reports it (counters lose "_total") -> type, labels
@@ -160,7 +159,7 @@ class RestartableEcho:
         while True:
             try:
                 conn, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
