@@ -37,9 +37,12 @@ READ_SIZE = 256 * 1024
 
 
 class StaleConnection(Exception):
-    """A reused connection died before any byte of the response: the member closed
-    it while idle.  The attempt is redone on a fresh connection (like Go's
-    net/http and HAProxy's ``http-reuse``), and it is not counted as an attempt."""
+    """A reused connection died before any byte of the response: most likely the
+    member closed it while idle, as our request crossed its FIN.  For a request that
+    may be repeated (``retry_methods``, body kept) the attempt is redone once on a
+    fresh connection and not counted as an attempt (Go's net/http does the same);
+    any other request reports ``reset`` (Envoy's behaviour), since the member may
+    have acted on it."""
 
 
 class Response:
@@ -154,7 +157,8 @@ class MemberConnection(Protocol):
                 consumer.responseDone()
             return
         if d is not None:
-            if self.reused and self.received == 0 and exchange is not None and exchange.replayable:
+            if (self.reused and self.received == 0 and exchange is not None
+                    and exchange.replayable and exchange.safeMethod):
                 d.errback(StaleConnection())
             else:
                 d.errback(AttemptFailed(reasons.RESET))
@@ -407,6 +411,10 @@ class MemberPool:
             return
         connection.reused = False
         connection.idleSince = self.clock.seconds()
+        # Idle connections read, so that a close (or stray bytes) is seen at once; the
+        # app side may have paused this one for back-pressure.
+        connection.readPaused = False
+        connection.transport.resumeProducing()  # type: ignore[attr-defined]
         connections.append(connection)
         if self.sweeper is None:
             self.sweeper = self.clock.callLater(self.idleTimeout, self._sweep)

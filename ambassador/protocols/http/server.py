@@ -135,7 +135,7 @@ class Exchange:
         "expectContinue", "chunks", "bodySize", "bodyDone", "replayable", "sink", "pending",
         "held", "started", "attempts", "upstream", "result", "status", "bytesIn", "bytesOut",
         "chunkOut", "closeAfter", "headWritten", "finished", "retryStatuses", "maxRetryBody",
-        "trace", "bodyless",
+        "trace", "bodyless", "safeMethod",
     )
 
     def __init__(self, app: "AppConnection", method: bytes, head: bytes, hostIn: bytes | None,
@@ -173,6 +173,7 @@ class Exchange:
         self.maxRetryBody = settings.maxRetryBody
         self.trace: str | None = None
         self.bodyless = method == b"HEAD"
+        self.safeMethod = method in settings.retryMethods
 
     # --- running attempts --------------------------------------------------------------
 
@@ -183,7 +184,7 @@ class Exchange:
             # Answered here (as nginx and HAProxy do): the member gets no Expect.
             app.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         safe: Any
-        if self.method not in settings.retryMethods:
+        if not self.safeMethod:
             safe = False
         elif self.bodyKind == _NO_BODY:
             safe = True
@@ -346,10 +347,12 @@ class Exchange:
 
     def responseDone(self) -> None:
         app = self.app
+        # Unregister first: the member connection is pooled already, and a full app
+        # buffer must not pause it from here on.
+        app.transport.unregisterProducer()  # type: ignore[attr-defined]
         if self.chunkOut:
             app.transport.write(b"0\r\n\r\n")
             self.bytesOut += 5
-        app.transport.unregisterProducer()  # type: ignore[attr-defined]
         app.exchangeDone(self)
 
     def responseFailed(self, reason: str) -> None:
