@@ -569,3 +569,12 @@ def test_unknown_line_dialect_is_refused(tmp_path, text, routes, where, key):
     errors = refused(tmp_path, text, routes)
     source = str(tmp_path / "ambassador.toml") if text is not None else "--route"
     assertNamed(errors, source, where, key)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, p in loadProtocols().items() if not p.keyHashing),
+)
+def test_hash_balance_is_refused_for_every_installed_protocol_without_keys(tmp_path, name):
+    text = WEB.replace('"tcp"\n', f'"{name}"\n', 1) + 'balance = "hash"\n'
+    errors = refused(tmp_path, text)
+    assertNamed(errors, str(tmp_path / "ambassador.toml"), 'route "web"', "balance")

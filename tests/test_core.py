@@ -632,3 +632,85 @@ def test_attempt_failures_are_reported_with_their_reason(failure, reason):
     attempts.last().errback(failure)
     d.addErrback(lambda f: None)
     assert recorder.of("attempt")[0][3] == reason
+
+
+# --- any sequence of attempt results -------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+RESULTS = ["ok", "connect-failure", "reset", "503", "hang", "raise"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    results=st.lists(st.tuples(st.sampled_from(RESULTS), st.floats(0.0, 3.0)), min_size=1, max_size=12),
+    tries=st.integers(1, 5),
+    failureThreshold=st.integers(1, 3),
+    safe=st.booleans(),
+    budgetMinPerSecond=st.sampled_from([0.0, 0.1, 10.0]),
+    draw=st.floats(0.0, 0.999),
+    cancelAt=st.one_of(st.none(), st.floats(0.0, 12.0)),
+)
+def test_any_request_ends_once_and_leaves_nothing_behind(
+    results, tries, failureThreshold, safe, budgetMinPerSecond, draw, cancelAt,
+):
+    core, clock, recorder = makeCore(
+        attempts=tries, timeout=2.0, deadline=10.0, backoffBase=0.5, backoffMax=4.0,
+        failureThreshold=failureThreshold, resetTimeout=1.0, budgetRatio=0.0,
+        budgetMinPerSecond=budgetMinPerSecond, draw=draw,
+    )
+    fired: list[Any] = []
+    calls: list[Member] = []
+    script = iter(results)
+    plans: list[tuple[Deferred[Any], str, float]] = []
+
+    def attempt(member: Member) -> Deferred[Any]:
+        calls.append(member)
+        kind, after = next(script, ("hang", 0.0))
+        if kind == "raise":
+            raise ierror.ConnectionRefusedError()
+        d: Deferred[Any] = Deferred()
+        plans.append((d, kind, clock.seconds() + after))
+        return d
+
+    d = core.request(attempt, safe=safe, retryOn={"connect-failure", "reset", "timeout", "503"})
+    d.addBoth(lambda v: fired.append((v, clock.seconds())))
+    for _ in range(2000):  # 20 s of fake time in 10 ms steps: past the deadline
+        if cancelAt is not None and clock.seconds() >= cancelAt and not fired:
+            d.cancel()
+        for planned in list(plans):
+            attemptD, kind, at = planned
+            if attemptD.called:
+                plans.remove(planned)
+            elif clock.seconds() >= at and kind != "hang":
+                plans.remove(planned)
+                if kind == "ok":
+                    attemptD.callback("response")
+                elif kind == "503":
+                    attemptD.errback(AttemptFailed("503", response="busy"))
+                elif kind == "connect-failure":
+                    attemptD.errback(connectFailure())
+                else:
+                    attemptD.errback(AttemptFailed(kind))
+        if fired and not clock.getDelayedCalls():
+            break
+        clock.advance(0.01)
+
+    assert len(fired) == 1  # fired exactly once (a second firing raises AlreadyCalledError)
+    value, firedAt = fired[0]
+    assert firedAt <= 10.0 + 0.011  # never after the deadline (10 ms clock steps)
+    if isinstance(value, Outcome):
+        assert 1 <= value.attempts <= tries
+    else:
+        assert isinstance(value, Failure)
+        assert value.check(RequestFailed, CancelledError)
+        if value.check(RequestFailed):
+            assert 0 <= value.value.attempts <= tries
+            assert value.value.attempts == len(calls)
+    assert len(calls) <= tries
+    assertQuiet(core, clock)
+    # every attempt that was not abandoned by a cancel was reported once
+    assert len(recorder.of("attempt")) <= len(calls)
+    assert len(recorder.of("retried")) <= len(calls)
+    if isinstance(value, Outcome) or value.check(RequestFailed):
+        assert len(recorder.of("attempt")) == len(calls)
