@@ -174,3 +174,8 @@ def test_mtls_endpoint_string_works_in_a_plain_twisted_program(tmp_path):
     finally:
         process.kill()
         process.wait(5)
+
+
+def test_no_unhandled_errors_were_logged(world):
+    log = world.ambassador.log()
+    assert "Unhandled Error" not in log and "Traceback" not in log

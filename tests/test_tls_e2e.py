@@ -144,3 +144,41 @@ def test_tls_errors_open_the_breaker(world):
     assert [line["result"] for line in lines] == ["tls-error", "tls-error", "breaker-open"]
     assert lines[2]["attempts"] == "0"
     assert member.accepted == accepted
+
+
+def test_app_half_close_reaches_a_tls_member_and_its_answer_comes_back(tmp_path):
+    """The app shuts its write side; the member gets a TLS close_notify (not a bare
+    FIN), answers, and the answer reaches the app before the pair closes."""
+    import socket
+
+    certs = Certs(tmp_path / "certs")
+    member = TLSEchoMember(certs.serverContext("server"), atEnd=True)
+    listen = freePort()
+    config = (
+        f'[[route]]\nname = "half"\nprotocol = "tcp"\nlisten = "tcp:{listen}"\n'
+        f'upstreams = ["tcp:127.0.0.1:{member.port}"]\n'
+        f'[route.tls]\ntrust_roots = "{certs.path("ca.pem")}"\nserver_name = "localhost"\n'
+    )
+    try:
+        with Ambassador(tmp_path, config=config) as amb:
+            with socket.create_connection(("127.0.0.1", listen), timeout=10) as app:
+                app.sendall(b"first ")
+                app.sendall(b"second")
+                app.shutdown(socket.SHUT_WR)
+                received = b""
+                while True:
+                    chunk = app.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+            assert received == b"FIRST SECOND"
+            amb.waitForLog(r"access#info\] half .*result=ok")
+            assert "Unhandled Error" not in amb.log()
+            assert "Traceback" not in amb.log()
+    finally:
+        member.stop()
+
+
+def test_no_unhandled_errors_were_logged(world):
+    log = world.ambassador.log()
+    assert "Unhandled Error" not in log and "Traceback" not in log

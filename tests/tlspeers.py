@@ -87,8 +87,13 @@ class TLSEchoMember:
     @ivar handshakeErrors: why handshakes failed, as text.
     """
 
-    def __init__(self, context: ssl.SSLContext | None, port: int | None = None) -> None:
+    def __init__(
+        self, context: ssl.SSLContext | None, port: int | None = None, atEnd: bool = False,
+    ) -> None:
+        """@param atEnd: read until the client finishes sending (a TLS close_notify or
+        EOF), then answer everything upper-cased and close cleanly (close_notify)."""
         self.context = context
+        self.atEnd = atEnd
         self.port = port or freePort()
         self.serverNames: list[str | None] = []
         self.clientSubjects: list[str | None] = []
@@ -128,11 +133,19 @@ class TLSEchoMember:
                 if peer:
                     subject = dict(x[0] for x in peer["subject"]).get("commonName")
                 self.clientSubjects.append(subject)
+            received = b""
             while True:
                 data = conn.recv(65536)
                 if not data:
                     break
-                conn.sendall(data.upper())
+                if self.atEnd:
+                    received += data
+                else:
+                    conn.sendall(data.upper())
+            if self.atEnd:
+                conn.sendall(received.upper())
+                if isinstance(conn, ssl.SSLSocket):
+                    conn = conn.unwrap()
         except (ssl.SSLError, OSError) as e:
             self.handshakeErrors.append(str(e))
         finally:
@@ -172,3 +185,66 @@ def exchange(port: int, data: bytes = b"hello", context: ssl.SSLContext | None =
         return b""
     finally:
         sock.close()
+
+
+class HTTPSMember:
+    """An HTTP/1.1 keep-alive member over TLS; ``GET /any`` answers JSON with the path
+    and Host header.
+
+    @ivar handshakes: TLS handshakes that succeeded (one per TCP connection).
+    @ivar handshakeErrors: why the others failed.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.port = freePort()
+        self.handshakes = 0
+        self.handshakeErrors: list[str] = []
+        self.requests = 0
+        member = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = 10
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                member.requests += 1
+                body = json.dumps({"path": self.path, "host": self.headers.get("Host")}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self):  # type: ignore[no-untyped-def]
+                conn, address = self.socket.accept()
+                conn.settimeout(10)
+                try:
+                    tlsConn = context.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError) as e:
+                    member.handshakeErrors.append(str(e))
+                    conn.close()
+                    raise
+                member.handshakes += 1
+                return tlsConn, address
+
+            def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+                pass
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(2)
