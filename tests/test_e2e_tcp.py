@@ -254,8 +254,11 @@ def test_max_connections_closes_the_extra_connection_until_one_leaves(tmp_path: 
             for n, c in enumerate(held):
                 c.sendall(b"held%d" % n)
                 assert c.recv(100) == b"held%d" % n
-            with connect(listen) as extra:
-                assert waitClosed(extra, timeout=SLACK + 3) <= SLACK
+            try:
+                with connect(listen) as extra:
+                    assert waitClosed(extra, timeout=SLACK + 3) <= SLACK
+            except ConnectionResetError:
+                pass  # reset so early that connect() itself saw it (non-blocking connect)
             held.pop().close()
             deadline = time.monotonic() + 10
             while True:  # the slot frees once the ambassador has seen the close
