@@ -133,3 +133,29 @@ def test_a_late_success_of_an_attempt_admitted_before_opening_keeps_it_open():
     fail(b, 1)
     b.success()
     assert b.state == OPEN
+
+
+def test_release_of_an_attempt_admitted_while_closed_frees_no_trial():
+    clock, b, changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=1)
+    assert b.acquire()  # closed: holds no trial slot
+    fail(b, 1)
+    clock.advance(10)
+    assert b.acquire()  # the one trial of this half-open period
+    b.release(None)
+    assert b.trials == 1 and not b.acquire()
+
+
+def test_release_of_a_trial_from_an_earlier_half_open_period_frees_nothing():
+    clock, b, changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=2)
+    fail(b, 1)
+    clock.advance(10)
+    assert b.acquire() and b.acquire()  # trials A and B
+    first = b.epoch
+    b.failure()  # B fails: open again, A still under way
+    clock.advance(10)
+    assert b.acquire() and b.acquire()  # two trials of the next period
+    assert b.epoch == first + 1
+    b.release(first)  # A is abandoned: it held a slot of a period that is over
+    assert b.trials == 2 and not b.acquire()
+    b.release(b.epoch)
+    assert b.trials == 1 and b.acquire()

@@ -714,3 +714,24 @@ def test_any_request_ends_once_and_leaves_nothing_behind(
     assert len(recorder.of("retried")) <= len(calls)
     if isinstance(value, Outcome) or value.check(RequestFailed):
         assert len(recorder.of("attempt")) == len(calls)
+
+
+def test_an_attempt_admitted_while_closed_does_not_free_a_half_open_trial():
+    # half_open_max = 1: the slot belongs to the trial, not to an older attempt that
+    # was let through while the breaker was still closed and is abandoned later.
+    core, clock, recorder = makeCore(
+        upstreams=UPSTREAMS[:1], failureThreshold=1, resetTimeout=10.0, halfOpenMax=1,
+        timeout=100.0, deadline=100.0, attempts=1,
+    )
+    old, failing, trial, extra = Attempts(), Attempts(), Attempts(), Attempts()
+    oldRequest = core.request(old)  # admitted while closed, still under way
+    core.request(failing).addErrback(lambda f: None)
+    failing.last().errback(connectFailure())  # opens the breaker
+    clock.advance(10)
+    core.request(trial)
+    assert core.members[0].breaker.trials == 1
+    oldRequest.cancel()
+    assert old.cancelled == [core.members[0]]
+    assert core.members[0].breaker.trials == 1  # the trial is still under way
+    assert requestFailed(core.request(extra)).reason == "breaker-open"
+    assert extra.calls == []

@@ -37,11 +37,14 @@ class Breaker:
         self._openedAt = 0.0
         self.consecutiveFailures = 0
         self.trials = 0
+        #: Half-open periods so far: a trial belongs to the period that admitted it.
+        self.epoch = 0
         self.changedAt: float | None = None
 
     @property
     def state(self) -> str:
         if self._state == OPEN and self._clock.seconds() >= self._openedAt + self.resetTimeout:
+            self.epoch += 1
             self._set(HALF_OPEN, self._openedAt + self.resetTimeout)
             self.trials = 0
         return self._state
@@ -84,9 +87,15 @@ class Breaker:
         elif self._state == CLOSED and self.consecutiveFailures >= self.failureThreshold:
             self._open()
 
-    def release(self) -> None:
-        """The attempt ended with no verdict on the member (e.g. the app went away)."""
-        if self._state == HALF_OPEN:
+    def release(self, trial: int | None = -1) -> None:
+        """The attempt ended with no verdict on the member (e.g. the app went away).
+
+        @param trial: the ``epoch`` in which the attempt took a trial slot, None if it
+            was admitted while closed (it holds no slot), -1 for the current period.
+            Without it, an abandoned old attempt would free a slot that a trial of the
+            current period holds, letting more than ``halfOpenMax`` trials through.
+        """
+        if self._state == HALF_OPEN and trial is not None and trial in (-1, self.epoch):
             self.trials = max(0, self.trials - 1)
 
     def _open(self) -> None:

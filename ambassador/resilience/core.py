@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from ambassador.resilience import reasons
 from ambassador.resilience.backoff import backoffDelay
 from ambassador.resilience.balance import BALANCERS
-from ambassador.resilience.breaker import Breaker
+from ambassador.resilience.breaker import HALF_OPEN, Breaker
 from ambassador.resilience.budget import RetryBudget
 from ambassador.resilience.member import Member
 from ambassador.resilience.reasons import AttemptFailed, RequestFailed, classify
@@ -209,7 +209,7 @@ class _Request:
     __slots__ = (
         "core", "attempt", "key", "safe", "retryOn", "attemptTimeout", "deadlineAt", "tries",
         "tried", "result", "current", "member", "timer", "sleeper", "timedOut", "cancelled",
-        "lastFailure", "started", "trace", "waitFrom", "attemptLeft",
+        "lastFailure", "started", "trace", "waitFrom", "attemptLeft", "trial",
     )
 
     def __init__(
@@ -261,6 +261,8 @@ class _Request:
                     failed.trace = self._traceValue()
                 self.result.errback(failed)
             return
+        # The breaker's half-open period whose trial slot this attempt holds, if any.
+        self.trial = member.breaker.epoch if member.breaker.state == HALF_OPEN else None
         self.tries += 1
         self.member = member
         member.inFlight += 1
@@ -314,7 +316,7 @@ class _Request:
         member = self._endAttempt()
         core = self.core
         if self.cancelled:
-            member.breaker.release()
+            member.breaker.release(self.trial)
             return
         if self.timedOut is not None:
             failed = AttemptFailed(self.timedOut)
