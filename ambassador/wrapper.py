@@ -34,6 +34,9 @@ NOT_STARTED = 127
 #: How long to wait for every route to listen before giving up on starting CMD.
 LISTEN_WAIT = 30.0
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+#: systemd's socket-activation variables are the ambassador's, never CMD's (Twisted
+#: removes LISTEN_PID and LISTEN_FDS when it reads them, but not LISTEN_FDNAMES).
+_SOCKET_ACTIVATION = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 def addressVariable(routeName: str) -> str:
@@ -162,7 +165,8 @@ class Wrapper(Service):
         self.reactor.callLater(0.05, self._startWhenListening)
 
     def _spawn(self) -> None:
-        environment = {**self.environ, **routeEnvironment(self.ambassador.routes)}
+        environment = {k: v for k, v in self.environ.items() if k not in _SOCKET_ACTIVATION}
+        environment.update(routeEnvironment(self.ambassador.routes))
         name = self.command[0]
         executable = shutil.which(name, path=environment.get("PATH", os.defpath))
         if executable is None:
