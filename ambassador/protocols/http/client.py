@@ -24,6 +24,7 @@ from ambassador.resilience import reasons
 from ambassador.resilience.reasons import AttemptFailed
 
 from .headers import parseRetryAfter
+from .transport import writerFor
 
 if TYPE_CHECKING:
     from .server import Exchange
@@ -124,6 +125,7 @@ class MemberConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        self.write = writerFor(self.transport)
         self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:

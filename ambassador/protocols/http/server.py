@@ -27,6 +27,7 @@ from ambassador.resilience.core import RequestRecord
 from ambassador.resilience.reasons import RequestFailed
 
 from .client import MemberConnection, MemberPool, Response, StaleConnection
+from .transport import writerFor
 from .headers import MAX_HEAD, connectionTokens, errorResponse, isHopByHop, reasonPhrase
 
 log = Logger(namespace="ambassador")
@@ -182,7 +183,7 @@ class Exchange:
         settings = app.settings
         if self.expectContinue and not self.bodyDone:
             # Answered here (as nginx and HAProxy do): the member gets no Expect.
-            app.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            app.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         safe: Any
         if not self.safeMethod:
             safe = False
@@ -242,7 +243,7 @@ class Exchange:
             parts.append(b"\r\n")
         if not self.replayable:
             self.chunks = []
-        connection.transport.write(b"".join(parts))
+        connection.write(b"".join(parts))
         if self.bodyDone:
             connection.requestDone = True
         else:
@@ -263,16 +264,16 @@ class Exchange:
             self.chunks.append(chunk)
         if sink is not None:
             if self.bodyKind == _CHUNKED:
-                sink.transport.writeSequence((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                sink.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             else:
-                sink.transport.write(chunk)
+                sink.write(chunk)
 
     def bodyComplete(self) -> None:
         self.bodyDone = True
         sink = self.sink
         if sink is not None:
             if self.bodyKind == _CHUNKED:
-                sink.transport.write(b"0\r\n\r\n")
+                sink.write(b"0\r\n\r\n")
             sink.requestWritten()
             sink.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.app.gate.pressure = False
@@ -340,10 +341,10 @@ class Exchange:
             return
         if self.chunkOut:
             self.bytesOut += len(data) + 7
-            app.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            app.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
             self.bytesOut += len(data)
-            app.transport.write(data)
+            app.write(data)
 
     def responseDone(self) -> None:
         app = self.app
@@ -351,7 +352,7 @@ class Exchange:
         # buffer must not pause it from here on.
         app.transport.unregisterProducer()  # type: ignore[attr-defined]
         if self.chunkOut:
-            app.transport.write(b"0\r\n\r\n")
+            app.write(b"0\r\n\r\n")
             self.bytesOut += 5
         app.exchangeDone(self)
 
@@ -396,6 +397,7 @@ class AppConnection(Protocol):
     # --- connection life ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.write = writerFor(self.transport)
         self.gate = ReadGate(self.transport)
         self.lastActivity = self.clock.seconds()
         self.admitted = self.core.admit(self)
@@ -644,14 +646,14 @@ class AppConnection(Protocol):
             if exchange.chunkOut:
                 parts.append(b"0\r\n\r\n")
                 exchange.bytesOut += 5
-            self.transport.write(b"".join(parts))
+            self.write(b"".join(parts))
             self.exchangeDone(exchange)
         elif response.failed:
-            self.transport.write(b"".join(parts))
+            self.write(b"".join(parts))
             exchange.result = reasons.RESET
             self.exchangeDone(exchange, abort=True)
         else:
-            self.transport.write(b"".join(parts))
+            self.write(b"".join(parts))
             connection = response.connection
             if connection is not None and connection.connected:
                 self.transport.registerProducer(connection.transport, True)  # type: ignore[attr-defined]
@@ -670,7 +672,7 @@ class AppConnection(Protocol):
 
         exchange.status = ERROR_STATUS.get(reason, 502)
         exchange.bytesOut += len(data)
-        self.transport.write(data)
+        self.write(data)
         self.exchangeDone(exchange)
 
     def _rejectRequest(self, status: int, result: str) -> None:
