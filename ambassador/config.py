@@ -562,6 +562,8 @@ def loadConfig(
         elif name is not None:
             seenNames[name] = where
         key = listenKey(listen) if listen is not None else None
+        if isinstance(key, tuple) and key[:2] in (("tcp", "0"), ("tcp6", "0")):
+            key = None  # port 0: the OS gives each listener a port of its own
         if key is not None and key in seenListens:
             errors.add(where, "listen", f"{listen} is also the listen endpoint of {seenListens[key]}")
         elif key is not None:

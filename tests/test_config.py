@@ -578,3 +578,21 @@ def test_hash_balance_is_refused_for_every_installed_protocol_without_keys(tmp_p
     text = WEB.replace('"tcp"\n', f'"{name}"\n', 1) + 'balance = "hash"\n'
     errors = refused(tmp_path, text)
     assertNamed(errors, str(tmp_path / "ambassador.toml"), 'route "web"', "balance")
+
+
+def test_listeners_on_port_zero_never_clash(tmp_path):
+    # port 0: each gets a free port from the OS (handy in wrapper mode, SPEC §8)
+    config = load(tmp_path, None, routes=["tcp tcp:0 tcp:127.0.0.1:9100", "tcp tcp:0 tcp:127.0.0.1:9101"])
+    assert [r.listen for r in config.routes] == ["tcp:0:interface=127.0.0.1"] * 2
+
+
+def test_ssl_listeners_bind_loopback_unless_told_otherwise(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    key, chain = tmp_path / "key.pem", tmp_path / "cert.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    listen = f"ssl:18443:privateKey={key}:certKey={chain}"
+    (route,) = load(tmp_path, None, routes=[f"tcp {listen} tcp:127.0.0.1:9100"]).routes
+    assert route.listen == listen + ":interface=127.0.0.1"
