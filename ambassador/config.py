@@ -381,6 +381,9 @@ def _parseRoute(
         elif plugin is not None:
             known = sorted([*_COMMON, *pluginOptions, *_TABLES, "name", "protocol", "listen", "upstreams"])
             errors.add(where, key, f"unknown key for a {protocolName} route (known: {', '.join(known)})")
+        elif not any(key == o.name for p in protocols.values() for o in p.options):
+            # Unknown protocol: still report what no protocol knows, all in this run.
+            errors.add(where, key, "unknown key (no installed protocol has it)")
     for tableName, (policyType, schema) in _TABLES.items():
         inherited = tables.get(tableName)
         own = raw.get(tableName)

@@ -596,3 +596,13 @@ def test_ssl_listeners_bind_loopback_unless_told_otherwise(tmp_path):
     listen = f"ssl:18443:privateKey={key}:certKey={chain}"
     (route,) = load(tmp_path, None, routes=[f"tcp {listen} tcp:127.0.0.1:9100"]).routes
     assert route.listen == listen + ":interface=127.0.0.1"
+
+
+def test_a_route_of_an_unknown_protocol_still_reports_keys_no_protocol_knows(tmp_path):
+    errors = refused(tmp_path, WEB.replace('"tcp"\n', '"htp"\n', 1) + 'idel_timeout = "5s"\ndialect = "redis"\n',
+                     protocols=FAKES)
+    path = str(tmp_path / "ambassador.toml")
+    assertNamed(errors, path, 'route "web"', "protocol")
+    assertNamed(errors, path, 'route "web"', "idel_timeout")
+    # "dialect" belongs to an installed protocol: the route may have meant that one
+    assert not any('key "dialect"' in e for e in errors), errors
