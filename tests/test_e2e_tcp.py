@@ -31,7 +31,7 @@ from peers import (
 )
 
 #: Allowance for process scheduling on a loaded CI machine.
-SLACK = 2.0
+SLACK = 3.0
 MiB = 1024 * 1024
 
 
