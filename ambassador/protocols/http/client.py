@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from ambassador.resilience import reasons
 from ambassador.resilience.reasons import AttemptFailed
 
-from .headers import parseRetryAfter
+from .headers import HOP_BY_HOP as _HOP_BY_HOP
+from .headers import connectionTokens, parseRetryAfter
 from .transport import writerFor
 
 if TYPE_CHECKING:
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 #: Bytes of response body kept while nobody consumes them (a response waiting for
 #: the retry decision) before the member connection stops reading.
 HOLD_LIMIT = 64 * 1024
+
+#: Connection options that name no header.
+_PLAIN_TOKENS = frozenset({b"keep-alive", b"close"})
 
 #: Bytes read per recv(): fewer reactor iterations per megabyte streamed.
 READ_SIZE = 256 * 1024
@@ -56,7 +60,7 @@ class Response:
     __slots__ = (
         "status", "reason", "headers", "connection", "chunked", "contentLength",
         "closeDelimited", "held", "heldSize", "complete", "consumer", "failed",
-        "keepAlive", "bodyless",
+        "keepAlive", "bodyless", "block",
     )
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -75,6 +79,8 @@ class Response:
         self.complete = False
         self.failed = False
         self.consumer: Any = None
+        #: The header lines the app gets, hop-by-hop ones removed.
+        self.block = b""
 
     def attach(self, consumer: Any) -> list[bytes]:
         """The app side takes the body from now on; returns what was held."""
@@ -280,12 +286,24 @@ class MemberConnection(Protocol):
             self.informational = True
             return
         response = Response(status, self.statusReason, self.headerList, self)
+        # One pass over the headers: framing, and the block the app will get (minus
+        # hop-by-hop headers and those that Connection names).
+        lines = []
+        tokens = None
         for name, value in self.headerList:
             lower = name.lower()
+            if lower in _HOP_BY_HOP or lower.startswith(b"proxy-"):
+                if lower == b"transfer-encoding":
+                    response.chunked = True
+                elif lower == b"connection":
+                    tokens = connectionTokens([value]) | (tokens or set())
+                continue
             if lower == b"content-length":
                 response.contentLength = value
-            elif lower == b"transfer-encoding":
-                response.chunked = True
+            lines.append((lower, b"%s: %s\r\n" % (name, value)))
+        if tokens and not tokens <= _PLAIN_TOKENS:
+            lines = [line for line in lines if line[0] not in tokens]
+        response.block = b"".join([line[1] for line in lines])
         response.keepAlive = self.parser.should_keep_alive()
         if self.exchange.method == b"HEAD":
             response.bodyless = True

@@ -28,7 +28,7 @@ from ambassador.resilience.reasons import RequestFailed
 
 from .client import MemberConnection, MemberPool, Response, StaleConnection
 from .transport import writerFor
-from .headers import MAX_HEAD, connectionTokens, errorResponse, isHopByHop, reasonPhrase
+from .headers import MAX_HEAD, connectionTokens, errorResponse, reasonPhrase
 
 log = Logger(namespace="ambassador")
 
@@ -596,19 +596,8 @@ class AppConnection(Protocol):
         if self.draining or not exchange.bodyDone:
             # Unread request body left, or the route stops: this response is the last.
             exchange.closeAfter = True
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason or reasonPhrase(status))]
-        headers = response.headers
-        tokens = None
-        for name, value in headers:
-            if name.lower() == b"connection":
-                tokens = connectionTokens([value]) | (tokens or set())
-        for name, value in headers:
-            lower = name.lower()
-            if isHopByHop(lower) or (tokens and lower in tokens):
-                continue
-            if lower == b"content-length" and not (response.bodyless or response.contentLength):
-                continue
-            parts += [name, b": ", value, b"\r\n"]
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason or reasonPhrase(status)),
+                 response.block]
         if not response.bodyless and response.contentLength is None:
             if exchange.http10:
                 exchange.closeAfter = True  # close-delimited: all an HTTP/1.0 app knows
