@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -33,7 +34,7 @@ from ambassador.resilience.reasons import TLS_ERROR, AttemptFailed
 log = Logger(namespace="ambassador")
 
 _PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
 
 
@@ -132,7 +133,11 @@ def clientOptions(
 
     @raise TLSFileError: a file that cannot be used.
     """
-    from twisted.internet.ssl import optionsForClientTLS, platformTrust, trustRootFromCertificates
+    from twisted.internet.ssl import (
+        optionsForClientTLS,
+        platformTrust,
+        trustRootFromCertificates,
+    )
 
     trustRoot: Any = platformTrust()
     if trustRoots is not None:
@@ -140,12 +145,15 @@ def clientOptions(
     clientCertificate = None
     if certificate is not None:
         clientCertificate = loadPrivateCertificate(certificate, privateKey)
-    extra = {}
+    extra: dict[str, Any] | None = None
     if certificate is not None:
         chain = extraChain(certificate)
         if chain:
-            extra["extraCertificateOptions"] = {"extraCertChain": chain}
-    return optionsForClientTLS(serverName, trustRoot=trustRoot, clientCertificate=clientCertificate, **extra)
+            extra = {"extraCertChain": chain}
+    return optionsForClientTLS(
+        serverName, trustRoot=trustRoot, clientCertificate=clientCertificate,
+        extraCertificateOptions=extra,
+    )
 
 
 # --- the handshake gate ---------------------------------------------------------------
@@ -238,7 +246,7 @@ class _HandshakeGate(Protocol):
     delivers straight to it (the gate costs nothing per byte).
     """
 
-    def __init__(self, connecting: "_Connecting") -> None:
+    def __init__(self, connecting: _Connecting) -> None:
         self.connecting = connecting
 
     def connectionMade(self) -> None:
@@ -255,14 +263,14 @@ class _HandshakeGate(Protocol):
     def dataReceived(self, data: bytes) -> None:  # pragma: no cover
         pass  # TLS delivers no application data before the handshake completes
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # type: ignore[assignment]
-        self.connecting.lost(reason, self.transport)
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.connecting.lost(reason if reason is not None else Failure(ConnectionDone()), self.transport)
 
 
 class _GateFactory(Factory):
     noisy = False
 
-    def __init__(self, connecting: "_Connecting") -> None:
+    def __init__(self, connecting: _Connecting) -> None:
         self.connecting = connecting
 
     def buildProtocol(self, addr: Any) -> _HandshakeGate:
@@ -315,7 +323,7 @@ _MemberTLSTransport: type | None = None
 class _Connecting:
     """One connect() through the gate: from TCP connect to a verified handshake."""
 
-    def __init__(self, endpoint: "VerifiedTLSEndpoint", factory: Any) -> None:
+    def __init__(self, endpoint: VerifiedTLSEndpoint, factory: Any) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.address: Any = None

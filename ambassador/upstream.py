@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
 
 from ambassador.endpoints import memberHost
 from ambassador.tls import VerifiedTLSEndpoint, clientOptions
@@ -36,8 +35,9 @@ def tlsServerName(upstream: str, tls: Any) -> str | None:
 
 def memberEndpoint(
     reactor: Any, upstream: str, tls: Any = None, route: str | None = None,
-) -> IStreamClientEndpoint:
-    """The client endpoint for a member, wrapped in TLS when the route has ``[route.tls]``.
+) -> Any:
+    """The client endpoint (an ``IStreamClientEndpoint``) for a member, wrapped in TLS
+    when the route has ``[route.tls]``.
 
     Verification is always on.  Certificate files are read here, once per endpoint
     built (a reload builds new endpoints, so rotated files are picked up then).

@@ -10,7 +10,6 @@ import textwrap
 import time
 
 import pytest
-
 from harness import Ambassador, freePort
 from tlspeers import Certs, TLSEchoMember, exchange
 

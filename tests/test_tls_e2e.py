@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from harness import Ambassador, freePort
 from tlspeers import Certs, TLSEchoMember, exchange
 

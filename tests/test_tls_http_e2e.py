@@ -8,7 +8,6 @@ import http.client
 import json
 
 import pytest
-
 from harness import Ambassador, freePort
 from tlspeers import Certs, HTTPSMember
 
@@ -90,7 +89,7 @@ def test_http_bad_member_certificate_is_502_tls_error(world, route):
 
 
 def test_http_tls_error_is_retried_on_another_member(world):
-    response, body = world.get("retry", "/again")
+    response, _ = world.get("retry", "/again")
     assert response.status == 200
     assert response.getheader("x-ambassador-attempts") == "2"
 
@@ -99,7 +98,7 @@ def test_http_pooled_member_connections_keep_tls_handshakes_rare(world):
     conn = http.client.HTTPConnection("127.0.0.1", world.ports["pooled"], timeout=10)
     try:
         for i in range(20):
-            response, body = world.get("pooled", f"/n{i}", connection=conn)
+            response, _ = world.get("pooled", f"/n{i}", connection=conn)
             assert response.status == 200
     finally:
         conn.close()

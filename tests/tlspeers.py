@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import trustme
-
 from harness import freePort
 
 
@@ -39,7 +38,7 @@ class Certs:
         self.ca.cert_pem.write_to_path(str(self.dir / "ca.pem"))
         self.ca.cert_pem.write_to_path(str(self.dir / "ca" / "ca.pem"))
         self.otherCA.cert_pem.write_to_path(str(self.dir / "other-ca.pem"))
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.leaves = {
             "server": self.ca.issue_cert("localhost", "127.0.0.1", common_name="member.test"),
             "wrongname": self.ca.issue_cert("other.example", common_name="other.example"),
@@ -55,8 +54,7 @@ class Certs:
         for name, leaf in self.leaves.items():
             # the leaf first, then any intermediates: one file, as servers expect
             with open(self.dir / f"{name}.pem", "wb") as f:
-                for pem in leaf.cert_chain_pems:
-                    f.write(pem.bytes())
+                f.writelines(pem.bytes() for pem in leaf.cert_chain_pems)
             leaf.private_key_pem.write_to_path(str(self.dir / f"{name}.key"))
 
     def path(self, name: str) -> str:
@@ -114,7 +112,7 @@ class TLSEchoMember:
         while self.running:
             try:
                 conn, _ = self.listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             self.accepted += 1
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
@@ -181,7 +179,7 @@ def exchange(port: int, data: bytes = b"hello", context: ssl.SSLContext | None =
                 break
             received += chunk
         return received
-    except (ssl.SSLError, ConnectionError, socket.timeout, OSError):
+    except (TimeoutError, ssl.SSLError, ConnectionError, OSError):
         return b""
     finally:
         sock.close()
