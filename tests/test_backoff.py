@@ -3,7 +3,8 @@ random(0, min(max, base * 2**(n-2)))."""
 
 import random
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ambassador.resilience.backoff import backoffDelay
 

@@ -10,7 +10,13 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from ambassador.interfaces import IBalancer
-from ambassador.resilience.balance import BALANCERS, HashRing, LeastRequest, Random, RoundRobin
+from ambassador.resilience.balance import (
+    BALANCERS,
+    HashRing,
+    LeastRequest,
+    Random,
+    RoundRobin,
+)
 from ambassador.resilience.breaker import Breaker
 from ambassador.resilience.member import Member
 

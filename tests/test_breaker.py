@@ -21,14 +21,14 @@ def fail(b: Breaker, times: int) -> None:
 
 
 def test_a_new_breaker_is_closed_and_admits():
-    clock, b, changes = breaker()
+    _clock, b, changes = breaker()
     assert b.state == CLOSED
     assert b.admits() and b.acquire()
     assert b.changedAt is None and changes == []
 
 
 def test_threshold_consecutive_failures_open_it():
-    clock, b, changes = breaker(failureThreshold=3)
+    _clock, b, changes = breaker(failureThreshold=3)
     fail(b, 2)
     assert b.state == CLOSED
     fail(b, 1)
@@ -38,7 +38,7 @@ def test_threshold_consecutive_failures_open_it():
 
 
 def test_a_success_resets_the_count():
-    clock, b, changes = breaker(failureThreshold=3)
+    _clock, b, _changes = breaker(failureThreshold=3)
     fail(b, 2)
     assert b.acquire()
     b.success()
@@ -49,7 +49,7 @@ def test_a_success_resets_the_count():
 
 
 def test_open_admits_nothing_until_the_reset_timeout():
-    clock, b, changes = breaker(failureThreshold=1, resetTimeout=10.0)
+    clock, b, _changes = breaker(failureThreshold=1, resetTimeout=10.0)
     fail(b, 1)
     clock.advance(9.9)
     assert b.state == OPEN
@@ -67,7 +67,7 @@ def test_half_open_after_the_reset_timeout_dated_when_it_became_due():
 
 
 def test_half_open_admits_exactly_half_open_max_concurrent_trials():
-    clock, b, changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=2)
+    clock, b, _changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=2)
     fail(b, 1)
     clock.advance(10)
     assert b.admits()
@@ -109,7 +109,7 @@ def test_a_trial_failure_opens_it_again_for_another_reset_timeout():
 
 
 def test_release_frees_a_trial_without_a_verdict():
-    clock, b, changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=1)
+    clock, b, _changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=1)
     fail(b, 1)
     clock.advance(10)
     assert b.acquire()
@@ -121,14 +121,14 @@ def test_release_frees_a_trial_without_a_verdict():
 
 
 def test_release_while_closed_changes_nothing():
-    clock, b, changes = breaker()
+    _clock, b, changes = breaker()
     assert b.acquire()
     b.release()
     assert b.state == CLOSED and b.trials == 0 and changes == []
 
 
 def test_a_late_success_of_an_attempt_admitted_before_opening_keeps_it_open():
-    clock, b, changes = breaker(failureThreshold=1)
+    _clock, b, _changes = breaker(failureThreshold=1)
     assert b.acquire()  # admitted while closed, still under way
     fail(b, 1)
     b.success()
@@ -136,7 +136,7 @@ def test_a_late_success_of_an_attempt_admitted_before_opening_keeps_it_open():
 
 
 def test_release_of_an_attempt_admitted_while_closed_frees_no_trial():
-    clock, b, changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=1)
+    clock, b, _changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=1)
     assert b.acquire()  # closed: holds no trial slot
     fail(b, 1)
     clock.advance(10)
@@ -146,7 +146,7 @@ def test_release_of_an_attempt_admitted_while_closed_frees_no_trial():
 
 
 def test_release_of_a_trial_from_an_earlier_half_open_period_frees_nothing():
-    clock, b, changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=2)
+    clock, b, _changes = breaker(failureThreshold=1, resetTimeout=10.0, halfOpenMax=2)
     fail(b, 1)
     clock.advance(10)
     assert b.acquire() and b.acquire()  # trials A and B

@@ -21,7 +21,7 @@ def takeAll(b: RetryBudget, limit: int = 10_000) -> int:
 
 
 def test_ratio_of_requests_in_the_window():
-    clock, b = budget(0.5, 0)
+    _clock, b = budget(0.5, 0)
     for _ in range(10):
         b.recordRequest()
     assert b.allowed == 5
@@ -31,13 +31,13 @@ def test_ratio_of_requests_in_the_window():
 
 
 def test_min_per_second_allows_retries_without_requests():
-    clock, b = budget(0.0, 1)
+    _clock, b = budget(0.0, 1)
     assert b.allowed == 10  # 1 per second over the 10 s window
     assert takeAll(b) == 10
 
 
 def test_ratio_and_min_per_second_add_up():
-    clock, b = budget(0.2, 10)
+    _clock, b = budget(0.2, 10)
     for _ in range(50):
         b.recordRequest()
     assert b.allowed == 0.2 * 50 + 10 * 10
@@ -45,7 +45,7 @@ def test_ratio_and_min_per_second_add_up():
 
 
 def test_zero_budget_refuses_every_retry():
-    clock, b = budget(0.0, 0)
+    _clock, b = budget(0.0, 0)
     for _ in range(100):
         b.recordRequest()
     assert b.allowed == 0
@@ -55,7 +55,7 @@ def test_zero_budget_refuses_every_retry():
 
 def test_a_retry_counts_from_the_moment_it_is_decided():
     # Whatever the retry then does (sleep in backoff, or never run), it used the budget.
-    clock, b = budget(1.0, 0)
+    _clock, b = budget(1.0, 0)
     b.recordRequest()
     assert b.tryRetry()
     assert b.retries == 1

@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -162,7 +164,7 @@ def test_a_connect_failure_is_retried_on_another_member():
 
 
 def test_connection_errors_are_classified_and_retried():
-    core, clock, recorder = makeCore()
+    core, _clock, recorder = makeCore()
     attempts = Attempts()
     d = core.request(attempts)
     attempts.last().errback(ierror.ConnectionRefusedError())
@@ -203,7 +205,7 @@ def test_tries_stop_at_attempts_with_the_last_reason():
 
 
 def test_attempts_one_never_retries():
-    core, clock, recorder = makeCore(attempts=1)
+    core, _clock, recorder = makeCore(attempts=1)
     attempts = Attempts()
     d = core.request(attempts)
     attempts.last().errback(connectFailure())
@@ -212,7 +214,7 @@ def test_attempts_one_never_retries():
 
 
 def test_a_single_member_is_retried_when_it_is_all_there_is():
-    core, clock, recorder = makeCore(upstreams=UPSTREAMS[:1])
+    core, _clock, _recorder = makeCore(upstreams=UPSTREAMS[:1])
     attempts = Attempts()
     d = core.request(attempts)
     attempts.last().errback(connectFailure())
@@ -222,7 +224,7 @@ def test_a_single_member_is_retried_when_it_is_all_there_is():
 
 
 def test_a_reason_outside_retry_on_is_not_retried():
-    core, clock, recorder = makeCore()
+    core, _clock, _recorder = makeCore()
     attempts = Attempts()
     d = core.request(attempts, retryOn={"connect-failure"})
     attempts.last().errback(AttemptFailed(reasons.RESET))
@@ -231,7 +233,7 @@ def test_a_reason_outside_retry_on_is_not_retried():
 
 
 def test_an_unexpected_error_is_a_protocol_error_and_not_retried():
-    core, clock, recorder = makeCore()
+    core, _clock, _recorder = makeCore()
     attempts = Attempts()
     d = core.request(attempts)
     attempts.last().errback(ZeroDivisionError())
@@ -240,7 +242,7 @@ def test_an_unexpected_error_is_a_protocol_error_and_not_retried():
 
 
 def test_an_attempt_that_raises_counts_as_a_failed_attempt():
-    core, clock, recorder = makeCore()
+    core, clock, _recorder = makeCore()
     calls: list[Member] = []
 
     def attempt(member: Member) -> Deferred[Any]:
@@ -258,7 +260,7 @@ def test_an_attempt_that_raises_counts_as_a_failed_attempt():
 
 
 def test_an_unsafe_request_is_not_retried_after_a_written_failure():
-    core, clock, recorder = makeCore()
+    core, _clock, recorder = makeCore()
     attempts = Attempts()
     d = core.request(attempts, safe=False)
     attempts.last().errback(AttemptFailed(reasons.RESET, written=True))
@@ -268,7 +270,7 @@ def test_an_unsafe_request_is_not_retried_after_a_written_failure():
 
 
 def test_an_unsafe_request_is_retried_when_nothing_was_written():
-    core, clock, recorder = makeCore()
+    core, _clock, _recorder = makeCore()
     attempts = Attempts()
     d = core.request(attempts, safe=False)
     attempts.last().errback(connectFailure())
@@ -278,7 +280,7 @@ def test_an_unsafe_request_is_retried_when_nothing_was_written():
 
 
 def test_a_safe_request_is_retried_after_a_written_failure():
-    core, clock, recorder = makeCore()
+    core, _clock, _recorder = makeCore()
     attempts = Attempts()
     d = core.request(attempts, safe=True)
     attempts.last().errback(AttemptFailed(reasons.RESET, written=True))
@@ -304,7 +306,7 @@ def test_an_attempt_over_its_timeout_is_cancelled_with_reason_timeout():
 
 
 def test_a_timed_out_attempt_is_retried_elsewhere():
-    core, clock, recorder = makeCore(timeout=1.0)
+    core, clock, _recorder = makeCore(timeout=1.0)
     attempts = Attempts()
     d = core.request(attempts)
     clock.advance(1.0)
@@ -314,7 +316,7 @@ def test_a_timed_out_attempt_is_retried_elsewhere():
 
 
 def test_the_attempt_timeout_argument_overrides_the_route_timeout():
-    core, clock, recorder = makeCore(attempts=1, timeout=1.0)
+    core, clock, _recorder = makeCore(attempts=1, timeout=1.0)
     attempts = Attempts()
     d = core.request(attempts, attemptTimeout=3.0)
     clock.advance(2.0)
@@ -324,7 +326,7 @@ def test_the_attempt_timeout_argument_overrides_the_route_timeout():
 
 
 def test_an_attempt_cut_by_the_deadline_fails_with_deadline():
-    core, clock, recorder = makeCore(timeout=5.0, deadline=3.0)
+    core, clock, _recorder = makeCore(timeout=5.0, deadline=3.0)
     attempts = Attempts()
     d = core.request(attempts)
     clock.advance(3.0)
@@ -337,7 +339,7 @@ def test_an_attempt_cut_by_the_deadline_fails_with_deadline():
 
 def test_a_later_attempt_gets_only_the_time_left():
     # try 1 fails at t=2.5 and try 2 starts at once; 0.5 s of the deadline are left
-    core, clock, recorder = makeCore(timeout=2.0, deadline=3.0)
+    core, clock, _recorder = makeCore(timeout=2.0, deadline=3.0)
     attempts = Attempts()
     d = core.request(attempts)
     clock.advance(1.5)
@@ -378,7 +380,7 @@ def test_a_response_is_returned_at_once_when_retry_after_exceeds_the_deadline():
 
 
 def test_retry_after_within_the_deadline_lengthens_the_sleep():
-    core, clock, recorder = makeCore(deadline=10.0, draw=0.0)
+    core, clock, _recorder = makeCore(deadline=10.0, draw=0.0)
     attempts = Attempts()
     d = core.request(attempts, retryOn={"503"})
     attempts.last().errback(AttemptFailed("503", response="busy", retryAfter=2.0))
@@ -391,7 +393,7 @@ def test_retry_after_within_the_deadline_lengthens_the_sleep():
 
 
 def test_a_retryable_response_on_the_last_try_is_handed_back():
-    core, clock, recorder = makeCore(attempts=2)
+    core, _clock, _recorder = makeCore(attempts=2)
     attempts = Attempts()
     d = core.request(attempts, retryOn={"503"})
     attempts.last().errback(AttemptFailed("503", response="first"))
@@ -415,7 +417,7 @@ def test_an_exhausted_budget_stops_retries_with_budget_exhausted():
 
 
 def test_an_exhausted_budget_with_a_response_hands_it_back_marked():
-    core, clock, recorder = makeCore(budgetRatio=0.0, budgetMinPerSecond=0.0)
+    core, _clock, _recorder = makeCore(budgetRatio=0.0, budgetMinPerSecond=0.0)
     attempts = Attempts()
     d = core.request(attempts, retryOn={"503"})
     attempts.last().errback(AttemptFailed("503", response="busy"))
@@ -426,7 +428,7 @@ def test_an_exhausted_budget_with_a_response_hands_it_back_marked():
 
 def test_retries_sleeping_in_backoff_count_against_the_budget():
     # 0.1 per second over 10 s: one retry in the window, whatever its state
-    core, clock, recorder = makeCore(budgetRatio=0.0, budgetMinPerSecond=0.1, draw=0.5)
+    core, clock, _recorder = makeCore(budgetRatio=0.0, budgetMinPerSecond=0.1, draw=0.5)
     first, second = Attempts(), Attempts()
     d1 = core.request(first)
     d2 = core.request(second)
@@ -440,7 +442,7 @@ def test_retries_sleeping_in_backoff_count_against_the_budget():
 
 
 def test_every_request_counts_in_the_budget():
-    core, clock, recorder = makeCore()
+    core, _clock, _recorder = makeCore()
     for _ in range(4):
         core.request(Attempts())
     assert core.budget.requests == 4
@@ -458,7 +460,7 @@ def openAll(core: RouteCore) -> None:
 
 
 def test_all_breakers_open_fails_at_once_without_an_attempt():
-    core, clock, recorder = makeCore()
+    core, clock, _recorder = makeCore()
     openAll(core)
     attempts = Attempts()
     d = core.request(attempts)
@@ -469,7 +471,7 @@ def test_all_breakers_open_fails_at_once_without_an_attempt():
 
 
 def test_open_members_get_no_attempts():
-    core, clock, recorder = makeCore(failureThreshold=1)
+    core, _clock, _recorder = makeCore(failureThreshold=1)
     attempts = Attempts()
     core.request(attempts).addErrback(lambda f: None)
     attempts.last().errback(connectFailure())  # opens member 1, retries on member 2
@@ -481,7 +483,7 @@ def test_open_members_get_no_attempts():
 
 
 def test_failures_open_the_breaker_and_observers_see_it():
-    core, clock, recorder = makeCore(failureThreshold=2, attempts=1)
+    core, _clock, recorder = makeCore(failureThreshold=2, attempts=1)
     for _ in range(2):
         attempts = Attempts()
         d = core.request(attempts)
@@ -513,7 +515,7 @@ def test_the_half_open_trial_goes_through_the_core_and_closes_the_breaker():
 
 
 def test_a_failed_half_open_trial_reopens_and_ends_the_request():
-    core, clock, recorder = makeCore(upstreams=UPSTREAMS[:1], failureThreshold=1, resetTimeout=10.0)
+    core, clock, _recorder = makeCore(upstreams=UPSTREAMS[:1], failureThreshold=1, resetTimeout=10.0)
     openAll(core)
     clock.advance(10)
     attempts = Attempts()
@@ -527,7 +529,7 @@ def test_a_failed_half_open_trial_reopens_and_ends_the_request():
 
 
 def test_hash_retries_on_the_keys_member_while_its_breaker_admits_it():
-    core, clock, recorder = makeCore(balance="hash", failureThreshold=5)
+    core, _clock, _recorder = makeCore(balance="hash", failureThreshold=5)
     attempts = Attempts()
     d = core.request(attempts, key=b"user:42")
     attempts.last().errback(connectFailure())
@@ -537,7 +539,7 @@ def test_hash_retries_on_the_keys_member_while_its_breaker_admits_it():
 
 
 def test_hash_retries_on_the_next_member_of_the_ring_once_the_keys_member_is_open():
-    core, clock, recorder = makeCore(balance="hash", failureThreshold=1)
+    core, _clock, _recorder = makeCore(balance="hash", failureThreshold=1)
     attempts = Attempts()
     d = core.request(attempts, key=b"user:42")
     attempts.last().errback(connectFailure())
@@ -566,7 +568,7 @@ def test_cancelling_the_request_cancels_the_attempt_and_holds_no_trial():
 
 
 def test_cancelling_the_request_during_backoff_stops_the_timer():
-    core, clock, recorder = makeCore(draw=0.5)
+    core, clock, _recorder = makeCore(draw=0.5)
     attempts = Attempts()
     d = core.request(attempts)
     attempts.last().errback(connectFailure())
@@ -579,7 +581,7 @@ def test_cancelling_the_request_during_backoff_stops_the_timer():
 
 
 def test_cancelling_a_finished_request_changes_nothing():
-    core, clock, recorder = makeCore()
+    core, _clock, _recorder = makeCore()
     attempts = Attempts()
     d = core.request(attempts)
     attempts.last().callback("ok")
@@ -592,7 +594,7 @@ def test_cancelling_a_finished_request_changes_nothing():
 
 
 def test_admit_counts_connections_up_to_max_connections():
-    core, clock, recorder = makeCore()
+    core, _clock, recorder = makeCore()
     core.route = core.route.__class__(**{**_fields(core.route), "maxConnections": 2})
     a, b, c = object(), object(), object()
     assert core.admit(a) and core.admit(b)
@@ -605,7 +607,7 @@ def test_admit_counts_connections_up_to_max_connections():
 
 
 def test_finished_requests_reach_the_observers():
-    core, clock, recorder = makeCore()
+    core, _clock, recorder = makeCore()
     record = RequestRecord("tcp:127.0.0.1:9001", 1, "ok", 0.5, bytesIn=3, bytesOut=4)
     core.finished(record)
     assert recorder.of("request") == [("request", "r", record)]
@@ -626,7 +628,7 @@ def _fields(route: Route) -> dict[str, Any]:
     (ValueError("junk"), "protocol-error"),
 ])
 def test_attempt_failures_are_reported_with_their_reason(failure, reason):
-    core, clock, recorder = makeCore(attempts=1)
+    core, _clock, recorder = makeCore(attempts=1)
     attempts = Attempts()
     d = core.request(attempts, retryOn=())
     attempts.last().errback(failure)
@@ -636,7 +638,6 @@ def test_attempt_failures_are_reported_with_their_reason(failure, reason):
 
 # --- any sequence of attempt results -------------------------------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 RESULTS = ["ok", "connect-failure", "reset", "503", "hang", "raise"]
 
@@ -719,7 +720,7 @@ def test_any_request_ends_once_and_leaves_nothing_behind(
 def test_an_attempt_admitted_while_closed_does_not_free_a_half_open_trial():
     # half_open_max = 1: the slot belongs to the trial, not to an older attempt that
     # was let through while the breaker was still closed and is abandoned later.
-    core, clock, recorder = makeCore(
+    core, clock, _recorder = makeCore(
         upstreams=UPSTREAMS[:1], failureThreshold=1, resetTimeout=10.0, halfOpenMax=1,
         timeout=100.0, deadline=100.0, attempts=1,
     )

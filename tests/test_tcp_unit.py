@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from test_core import Recorder
 from twisted.internet import error as ierror
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import clientFromString
@@ -18,7 +19,6 @@ from ambassador.config import BreakerPolicy, RetryPolicy, Route
 from ambassador.interfaces import IRouteProtocol
 from ambassador.protocols.tcp import tcpProtocol
 from ambassador.resilience.core import RouteCore
-from test_core import Recorder
 
 UPSTREAMS = ("tcp:127.0.0.1:9001", "tcp:127.0.0.1:9002")
 
@@ -36,10 +36,10 @@ class Pair:
     """One tcp route in memory, with helpers to play the app and the members."""
 
     def __init__(self, **routeOptions: Any) -> None:
-        options = dict(
-            connectTimeout=2.0, deadline=15.0, idleTimeout=80.0, maxConnections=2,
-            retry=RetryPolicy(3, 0.05, 2.0, 0.2, 10.0), breaker=BreakerPolicy(5, 10.0, 1),
-        )
+        options = {
+            "connectTimeout": 2.0, "deadline": 15.0, "idleTimeout": 80.0, "maxConnections": 2,
+            "retry": RetryPolicy(3, 0.05, 2.0, 0.2, 10.0), "breaker": BreakerPolicy(5, 10.0, 1),
+        }
         options.update(routeOptions)
         self.route = Route(
             name="db", protocol="tcp", listen="tcp:5433:interface=127.0.0.1",
@@ -85,10 +85,10 @@ def test_tcp_plugin_provides_the_interface():
 
 def test_the_app_connection_is_paused_until_a_member_connects():
     pair = Pair()
-    app, appTransport = pair.appConnects()
+    _app, appTransport = pair.appConnects()
     assert appTransport.producerState == "paused"
     assert pair.attemptedPorts() == [9001]
-    member, memberTransport = pair.memberAccepts()
+    _member, memberTransport = pair.memberAccepts()
     assert appTransport.producerState == "producing"
     # back-pressure both ways: each transport is the other's streaming producer
     assert appTransport.producer is memberTransport and appTransport.streaming
@@ -127,7 +127,7 @@ def test_a_refused_member_is_retried_on_the_other_one():
 
 def test_connect_timeout_bounds_each_connection_attempt():
     pair = Pair(connectTimeout=2.0)
-    app, appTransport = pair.appConnects()
+    _app, _appTransport = pair.appConnects()
     pair.reactor.advance(1.9)
     assert pair.attemptedPorts() == [9001]
     pair.reactor.advance(0.1)
@@ -162,7 +162,7 @@ def test_every_member_refusing_closes_the_app_connection_with_the_reason():
 
 def test_over_max_connections_the_app_connection_is_aborted_and_counted_overloaded():
     pair = Pair(maxConnections=1)
-    first, _ = pair.appConnects()
+    _first, _ = pair.appConnects()
     second, secondTransport = pair.appConnects()
     assert secondTransport.disconnected  # aborted: StringTransport's abortConnection mark
     assert pair.attemptedPorts() == [9001]  # the second one never reached a member
@@ -175,7 +175,7 @@ def test_over_max_connections_the_app_connection_is_aborted_and_counted_overload
 
 def test_the_app_leaving_while_connecting_abandons_the_attempt():
     pair = Pair()
-    app, appTransport = pair.appConnects()
+    app, _appTransport = pair.appConnects()
     app.connectionLost(Failure(ierror.ConnectionLost()))
     assert pair.reactor.connectors[0].stoppedConnecting
     assert pair.reactor.getDelayedCalls() == []
@@ -201,7 +201,7 @@ def test_half_close_is_passed_on_both_ways():
 def test_an_idle_pair_is_closed_after_idle_timeout_and_activity_postpones_it():
     pair = Pair(idleTimeout=80.0)
     app, appTransport = pair.appConnects()
-    member, memberTransport = pair.memberAccepts()
+    _member, memberTransport = pair.memberAccepts()
     # second by second, as a real reactor runs the periodic check (Clock.advance(n)
     # would run it once for the whole n seconds)
     pair.reactor.pump([1.0] * 40)
@@ -214,7 +214,7 @@ def test_an_idle_pair_is_closed_after_idle_timeout_and_activity_postpones_it():
 
 def test_a_member_reset_aborts_the_app_connection():
     pair = Pair()
-    app, appTransport = pair.appConnects()
-    member, memberTransport = pair.memberAccepts()
+    _app, appTransport = pair.appConnects()
+    member, _memberTransport = pair.memberAccepts()
     member.connectionLost(Failure(ierror.ConnectionLost()))
     assert appTransport.disconnected
