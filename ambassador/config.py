@@ -559,11 +559,11 @@ def loadConfig(
         errors.source = errorSource
         # A route with other errors still claims its name and listen endpoint, so
         # that a clash with it is reported in this same run, not the next one.
-        name, listen = (route.name, route.listen) if route is not None else _claims(raw, index)
-        if name is not None and name in seenNames:
-            errors.add(where, "name", f'duplicate route name "{name}" (also {seenNames[name]})')
-        elif name is not None:
-            seenNames[name] = where
+        claimed, listen = (route.name, route.listen) if route is not None else _claims(raw, index)
+        if claimed is not None and claimed in seenNames:
+            errors.add(where, "name", f'duplicate route name "{claimed}" (also {seenNames[claimed]})')
+        elif claimed is not None:
+            seenNames[claimed] = where
         key = listenKey(listen) if listen is not None else None
         if isinstance(key, tuple) and key[:2] in (("tcp", "0"), ("tcp6", "0")):
             key = None  # port 0: the OS gives each listener a port of its own
@@ -585,9 +585,13 @@ def _claims(raw: Any, index: int) -> tuple[str | None, str | None]:
     where they can be told."""
     if not isinstance(raw, dict):
         return None, None
-    name, protocolName = raw.get("name"), raw.get("protocol")
-    if not (isinstance(name, str) and _NAME.match(name)):
-        name = f"{protocolName}-{index}" if name is None and isinstance(protocolName, str) else None
+    given, protocolName = raw.get("name"), raw.get("protocol")
+    name: str | None = None
+    if isinstance(given, str) and _NAME.match(given):
+        name = given
+    elif given is None and isinstance(protocolName, str):
+        name = f"{protocolName}-{index}"
+    listen: str | None
     try:
         listen = normalizeListen(_str(raw.get("listen")))
     except (ValueError, EndpointError):
