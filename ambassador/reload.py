@@ -304,7 +304,8 @@ class Reloader(Service):
                 for service in later:
                     service.privilegedStartService()
                     bound.append(service)
-        except ListenFailed:
+        except Exception as e:
+            # ListenFailed, or anything an endpoint raises while binding: undo it all.
             for service in bound:
                 if service.port is not None:
                     await _maybe(service.port.stopListening())
@@ -312,7 +313,9 @@ class Reloader(Service):
                 service.listening = False
             for old in freed:
                 self._relisten(old)
-            raise
+            if isinstance(e, ListenFailed):
+                raise
+            raise ListenFailed(f"cannot bind the new listeners: {e}") from e
 
         # Everything is bound: from here on nothing fails.
         for old, new in takeovers:
