@@ -564,13 +564,13 @@ def loadConfig(
             errors.add(where, "name", f'duplicate route name "{claimed}" (also {seenNames[claimed]})')
         elif claimed is not None:
             seenNames[claimed] = where
-        key = listenKey(listen) if listen is not None else None
-        if isinstance(key, tuple) and key[:2] in (("tcp", "0"), ("tcp6", "0")):
-            key = None  # port 0: the OS gives each listener a port of its own
-        if key is not None and key in seenListens:
-            errors.add(where, "listen", f"{listen} is also the listen endpoint of {seenListens[key]}")
-        elif key is not None:
-            seenListens[key] = where
+        bound: Any = listenKey(listen) if listen is not None else None
+        if isinstance(bound, tuple) and bound[:2] in (("tcp", "0"), ("tcp6", "0")):
+            bound = None  # port 0: the OS gives each listener a port of its own
+        if bound is not None and bound in seenListens:
+            errors.add(where, "listen", f"{listen} is also the listen endpoint of {seenListens[bound]}")
+        elif bound is not None:
+            seenListens[bound] = where
         if route is not None:
             routes.append(route)
     if not candidates and not errors.messages:
