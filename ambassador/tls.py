@@ -369,16 +369,22 @@ class _Connecting:
         if self.done:
             return
         self.done = True
-        application = self.factory.buildProtocol(self.address)
-        if application is None:
+        try:
+            application = self.factory.buildProtocol(self.address)
+            if application is None:
+                raise ValueError(f"{self.factory!r} built no protocol")
+            tls.wrappedProtocol = application
+            application.makeConnection(tls)
+            if IHandshakeListener.providedBy(application):
+                application.handshakeCompleted()
+        except Exception:
+            # Not the member's fault, and not the TLS layer's to report: the attempt
+            # fails with it (the core logs it as unexpected) and the connection closes.
+            failure = Failure()
             tls.abortConnection()
-            self.result.errback(Failure(AttemptFailed(TLS_ERROR, written=False)))
+            self.result.errback(failure)
             return
         self.application = application
-        tls.wrappedProtocol = application
-        application.makeConnection(tls)
-        if IHandshakeListener.providedBy(application):
-            application.handshakeCompleted()
         self.result.callback(application)
 
     def lost(self, reason: Failure, tls: Any) -> None:
@@ -417,6 +423,9 @@ class _Connecting:
 @implementer(IStreamClientEndpoint)
 class VerifiedTLSEndpoint:
     """A TLS client endpoint whose connect() fires after a verified handshake.
+
+    The protocol factory gets ``buildProtocol`` once the handshake is done, but no
+    ``doStart``/``doStop`` (route protocols' member factories need none).
 
     @param wrapped: a client endpoint that speaks TLS as a Twisted TLS wrapper
         (``wrapClientTLS(...)``, or what a ``tls:`` endpoint string builds).

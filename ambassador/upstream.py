@@ -27,14 +27,23 @@ def isTLSMember(upstream: str) -> bool:
     return upstream.split(":", 1)[0] in TLS_PREFIXES
 
 
-def tlsServerName(upstream: str, tls: Any) -> str | None:
+def tlsServerName(upstream: str, tls: Any, hostName: str | None = None) -> str | None:
     """The name a ``[route.tls]`` member's certificate must carry (also sent as SNI):
-    ``server_name``, else the member's host; None when neither exists (``unix:``)."""
-    return tls.serverName or memberHost(upstream)
+    ``server_name``, else the member's host name (``hostName`` for a member found by
+    ``dns:``/``srv:``, whose endpoint string holds only an address); None when there
+    is none (``unix:``)."""
+    if tls.serverName:
+        return str(tls.serverName)
+    if hostName:
+        return hostName
+    if upstream.startswith("dns:"):
+        return upstream.split(":")[1] or None
+    return memberHost(upstream)
 
 
 def memberEndpoint(
     reactor: Any, upstream: str, tls: Any = None, route: str | None = None,
+    hostName: str | None = None,
 ) -> Any:
     """The client endpoint (an ``IStreamClientEndpoint``) for a member, wrapped in TLS
     when the route has ``[route.tls]``.
@@ -44,6 +53,8 @@ def memberEndpoint(
 
     @param tls: the route's ``TLSPolicy`` or None.
     @param route: the route's name, for the log line of a failed handshake.
+    @param hostName: the DNS name behind a discovered member (``tcp:ADDRESS:PORT``
+        found by ``dns:HOST:PORT`` or ``srv:``): the name to verify, not the address.
     @raise ambassador.tls.TLSFileError: a certificate file became unusable after the
         config was checked.
     """
@@ -52,6 +63,6 @@ def memberEndpoint(
         if isTLSMember(upstream):
             return VerifiedTLSEndpoint(endpoint, route=route, upstream=upstream)
         return endpoint
-    serverName = tlsServerName(upstream, tls) or "localhost"
+    serverName = tlsServerName(upstream, tls, hostName) or "localhost"
     options = clientOptions(serverName, tls.trustRoots, tls.certificate, tls.privateKey)
     return VerifiedTLSEndpoint(wrapClientTLS(options, endpoint), route=route, upstream=upstream)

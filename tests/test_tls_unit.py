@@ -272,3 +272,20 @@ def test_cancelling_the_gate_mid_handshake_closes_the_connection(certs):
     assert results and results[0].check(Exception)
     assert memory.pump.client.transport.disconnecting  # type: ignore[attr-defined]
     assert recorder.events == []
+
+
+# --- which name a [route.tls] member must carry ---------------------------------------
+
+
+@pytest.mark.parametrize("upstream, serverName, hostName, expected", [
+    ("tcp:10.0.0.5:5432", None, None, "10.0.0.5"),
+    ("tcp:10.0.0.5:5432", None, "db.internal", "db.internal"),
+    ("tcp:10.0.0.5:5432", "override.internal", "db.internal", "override.internal"),
+    ("dns:db.internal:5432", None, None, "db.internal"),
+    ("unix:/run/db.sock", None, None, None),
+])
+def test_the_name_checked_is_server_name_else_the_members_host(upstream, serverName, hostName, expected):
+    from ambassador.config import TLSPolicy
+    from ambassador.upstream import tlsServerName
+
+    assert tlsServerName(upstream, TLSPolicy(serverName=serverName), hostName) == expected
