@@ -268,16 +268,28 @@ def test_status_lists_routes_members_and_budget(tmp_path) -> None:
 
 
 def test_json_log_format_gives_one_object_a_line_with_access_fields(tmp_path) -> None:
-    listen, admin = freePort(), freePort()
+    listen, quiet, admin = freePort(), freePort(), freePort()
     with echoServer() as live:
+        config = f"""
+[[route]]
+name = "quiet"
+protocol = "tcp"
+listen = "tcp:{quiet}"
+upstreams = ["{live.address}"]
+access_log = false
+"""
         amb = Ambassador(
-            tmp_path, routes=[f"tcp tcp:{listen} {live.address}"],
+            tmp_path, config=config, routes=[f"tcp tcp:{listen} {live.address}"],
             args=["--admin", f"tcp:{admin}", "--log-format", "json"],
         )
         try:
+            assert echoThrough(quiet, b"unlogged") == b"unlogged"
             for payload in (b"one", b"three"):
                 assert echoThrough(listen, payload) == payload
             amb.waitForLog(r'"attempts"', count=2)
+            # the quiet route's connection was counted, but never logged
+            waitFor(lambda: total(metrics(admin), "ambassador_requests", route="quiet") == 1,
+                    what="the quiet route's request in /metrics")
         finally:
             assert amb.stop() == 0
     lines = amb.log().splitlines()
