@@ -199,11 +199,11 @@ def main() -> None:
             for mode in ("echo", "sink")
         )
         (tmp / "ambassador.toml").write_text(config)
-        log = open(tmp / "ambassador.log", "wb")
-        children.append(subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "ambassador", "--config", str(tmp / "ambassador.toml"),
-             "--admin", "none"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
-        ))
+        with open(tmp / "ambassador.log", "wb") as log:  # the child keeps its own copy
+            children.append(subprocess.Popen(
+                [*TWISTD, "-n", "--pidfile=", "ambassador", "--config", str(tmp / "ambassador.toml"),
+                 "--admin", "none"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+            ))
         for port in routes.values():
             waitForPort(port)
 
