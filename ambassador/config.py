@@ -181,8 +181,8 @@ def _httpPath(value: Any) -> str:
 def _dnsServer(value: Any) -> tuple[str, int]:
     text = _str(value)
     host, sep, port = text.rpartition(":")
-    if not sep:
-        return (text, 53)
+    if not sep or (text.count(":") > 1 and not text.startswith("[")):
+        return (text, 53)  # a host, or a bare IPv6 address ("::1"; with a port: "[::1]:53")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST or HOST:PORT")
     return (host.strip("[]"), int(port))

@@ -606,3 +606,16 @@ def test_a_route_of_an_unknown_protocol_still_reports_keys_no_protocol_knows(tmp
     assertNamed(errors, path, 'route "web"', "idel_timeout")
     # "dialect" belongs to an installed protocol: the route may have meant that one
     assert not any('key "dialect"' in e for e in errors), errors
+
+
+def test_dns_servers_and_refresh(tmp_path):
+    config = load(tmp_path, WEB + '[dns]\nservers = ["127.0.0.1:5353", "10.0.0.2", "[::1]:5300", "::1"]\nrefresh = "1m"\n')
+    assert config.dns.servers == (("127.0.0.1", 5353), ("10.0.0.2", 53), ("::1", 5300), ("::1", 53))
+    assert config.dns.refresh == 60.0
+    assert load(tmp_path, WEB).dns.servers == ()  # default: the system's resolver
+
+
+@pytest.mark.parametrize("servers", ['"127.0.0.1"', '["127.0.0.1:dns"]', '["127.0.0.1:70000"]', "[53]"])
+def test_bad_dns_servers_are_refused(tmp_path, servers):
+    errors = refused(tmp_path, WEB + f"[dns]\nservers = {servers}\n")
+    assertNamed(errors, str(tmp_path / "ambassador.toml"), None, "dns.servers")
