@@ -23,7 +23,8 @@ class World:
         strict = self.strict.port
         trust = f'trust_roots = "{c.path("ca.pem")}"\nserver_name = "localhost"\n'
         clientCert = f'certificate = "{c.path("client.pem")}"\nprivate_key = "{c.path("client.key")}"\n'
-        for name in ("no-client-cert", "table-client-cert", "string-client-cert", "mtls-listener"):
+        for name in ("no-client-cert", "table-client-cert", "string-client-cert", "mtls-listener",
+                     "ssl-listener"):
             self.ports[name] = freePort()
         listener = (
             f"mtls:{self.ports['mtls-listener']}:privateKey={c.path('server.key')}"
@@ -59,6 +60,12 @@ name = "string-client-cert"
 protocol = "tcp"
 listen = "tcp:{self.ports['string-client-cert']}"
 upstreams = ["{string}"]
+
+[[route]]
+name = "ssl-listener"
+protocol = "tcp"
+listen = "ssl:{self.ports['ssl-listener']}:privateKey={c.path('server.key')}:certKey={c.path('server.pem')}"
+upstreams = ["tcp:127.0.0.1:{self.plain.port}"]
 
 [[route]]
 name = "mtls-listener"
@@ -124,6 +131,10 @@ def test_mtls_listener_refuses_a_client_certificate_from_another_ca(world):
 def test_mtls_listener_serves_an_app_with_the_right_client_certificate(world):
     context = world.certs.clientContext("client")
     assert exchange(world.ports["mtls-listener"], b"hello", context) == b"HELLO"
+
+
+def test_ssl_listener_serves_tls_apps_without_client_certificates(world):
+    assert exchange(world.ports["ssl-listener"], b"hello", world.certs.clientContext()) == b"HELLO"
 
 
 def test_mtls_listener_binds_loopback_by_default(world):
