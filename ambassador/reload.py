@@ -23,7 +23,8 @@ configuration is untouched.
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 from twisted.application.service import Service

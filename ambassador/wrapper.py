@@ -12,17 +12,24 @@ the ambassador exit 127.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
 import signal
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessDone, ProcessTerminated, ReactorNotRunning
+from twisted.internet.error import (
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+    ReactorNotRunning,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -87,7 +94,7 @@ def exitStatus(reason: Failure) -> int:
 
 
 class _Command(ProcessProtocol):
-    def __init__(self, wrapper: "Wrapper") -> None:
+    def __init__(self, wrapper: Wrapper) -> None:
         self.wrapper = wrapper
 
     def processEnded(self, reason: Failure) -> None:
@@ -143,7 +150,7 @@ class Wrapper(Service):
                      signal=signal.Signals(number).name, command=self.command[0])
             try:
                 self.process.signalProcess(number)
-            except Exception as e:  # it ended in between: processEnded follows
+            except (ProcessExitedAlready, OSError) as e:  # processEnded follows
                 log.info("wrapper: signal not delivered: {e}", e=e)
         elif self.process is None and self.status is None:
             self._finish(128 + number, f"signal {signal.Signals(number).name} before the command started")
@@ -218,18 +225,22 @@ class Wrapper(Service):
             return succeed(None)
         try:
             self.process.signalProcess("TERM")
-        except Exception:
+        except (ProcessExitedAlready, OSError):
             return succeed(None)
-        waited: Deferred[Any] = Deferred()
-        self.ended.addBoth(lambda result: waited.called or waited.callback(None))
+        waited: Deferred[None] = Deferred()
+
+        def commandGone(result: Any) -> Any:
+            if not waited.called:
+                waited.callback(None)
+            return result
+
+        self.ended.addBoth(commandGone)
         bound = max((s.route.drainTimeout for s in self.ambassador.routes.values()), default=10.0)
 
         def kill() -> None:
             if not waited.called:
-                try:
+                with contextlib.suppress(ProcessExitedAlready, OSError):
                     self.process.signalProcess("KILL")
-                except Exception:
-                    pass
 
         self.reactor.callLater(bound, kill)
         return waited
@@ -244,11 +255,9 @@ def _exitAfterTwistd(status: int) -> None:
 
     def leave() -> None:
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe
                 if stream is not None:
                     stream.flush()
-            except Exception:
-                pass
         os._exit(status)
 
     atexit.register(leave)

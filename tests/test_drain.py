@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-
 from harness import Ambassador, freePort
 from test_reload import DEFAULTS, SlowMember, exchange, refused, reload, route
 

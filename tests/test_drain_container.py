@@ -69,7 +69,7 @@ def test_the_sidecar_starts_before_the_app_and_runs_beside_it(pod, sidecar):
 
 def test_the_probes_ask_the_admin_endpoint_of_the_mounted_config(sidecar, mounted):
     assert mounted.admin is not None
-    args, kwargs = _split(mounted.admin)
+    _, kwargs = _split(mounted.admin)
     assert kwargs.get("interface") == "0.0.0.0", "the kubelet cannot probe a loopback-only admin"
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     for probe, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"),

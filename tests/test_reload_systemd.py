@@ -7,11 +7,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-
 from harness import TWISTD, freePort
 from test_reload import SlowMember, exchange
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import trustme
-
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -16,7 +15,7 @@ from ambassador.service import AmbassadorService
 
 
 class _Port:
-    def __init__(self, reactor: "ListeningReactor", port: int, factory: object) -> None:
+    def __init__(self, reactor: ListeningReactor, port: int, factory: object) -> None:
         self.reactor, self.port, self.factory = reactor, port, factory
 
     def getHost(self) -> IPv4Address:

@@ -8,13 +8,13 @@ import textwrap
 import time
 
 import pytest
+from harness import Ambassador, freePort
+from test_reload import SlowMember
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 
 from ambassador.wrapper import addressVariable, exitStatus, listeningAddress
-from harness import Ambassador, freePort
-from test_reload import SlowMember
 
 
 def wrapped(tmp_path, routes, command, **kwargs) -> Ambassador:
