@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -110,6 +111,9 @@ class Upstream:
                                    if "retry_after" in query else None)
                     else:
                         self._send(200, b"fine %d\n" % hit)
+                elif url.path == "/sink":
+                    import hashlib
+                    self._send(200, b"%d %s" % (len(body), hashlib.md5(body).hexdigest().encode()))
                 elif url.path == "/status":
                     headers = {}
                     if "retry_after" in query:
@@ -663,3 +667,36 @@ def test_access_log_line_per_request(amb):
     amb.waitForLog(r"access#info\] api .* status=201")
     lines = [l for l in amb.accessLines() if l["route"] == "api" and l.get("status") == "201"]
     assert lines and lines[-1]["result"] == "ok" and lines[-1]["attempts"] == "1"
+
+
+def test_big_upload_streams_intact(amb):
+    import hashlib
+
+    body = bytes(range(256)) * (20 * 4096)  # 20 MiB, over max_retry_body: streamed, not kept
+    c = _client(amb.ports["api"])
+    c.request("POST", "/sink", body=body)
+    r = c.getresponse()
+    assert r.read() == b"%d %s" % (len(body), hashlib.md5(body).hexdigest().encode())
+    c.close()
+
+
+def test_pipelined_requests_answered_in_order(amb):
+    with socket.create_connection(("127.0.0.1", amb.ports["api"]), timeout=5) as s:
+        s.sendall(b"GET /status?code=201 HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /status?code=202 HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /status?code=203 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+    assert statuses == [b"201", b"202", b"203"]
+
+
+def test_http10_client_gets_a_close_delimited_answer(amb):
+    answer = _raw(amb.ports["api"], b"GET /chunked HTTP/1.0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+    assert body == b"one,two,three"
