@@ -11,6 +11,7 @@ import http.client
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -700,3 +701,40 @@ def test_http10_client_gets_a_close_delimited_answer(amb):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
     assert body == b"one,two,three"
+
+
+def test_sigterm_closes_idle_keepalive_connections_and_finishes_requests_in_flight(tmp_path, upstream):
+    listen = freePort()
+    config = f"""
+[defaults]
+drain_timeout = "20s"
+
+[[route]]
+name = "drain"
+protocol = "http"
+listen = "tcp:{listen}"
+upstreams = ["tcp:127.0.0.1:{upstream.port}"]
+"""
+    amb = Ambassador(tmp_path, config=config)
+    try:
+        idle = _client(listen)
+        idle.request("GET", "/status?code=200")
+        idle.getresponse().read()  # now an idle keep-alive connection
+        busy = socket.create_connection(("127.0.0.1", listen), timeout=10)
+        busy.sendall(b"GET /big?size=3000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = busy.recv(1000)  # the answer is under way, the app reads slowly
+        started = time.monotonic()
+        amb.signal(signal.SIGTERM)
+        received = len(first)
+        time.sleep(0.5)
+        while True:
+            chunk = busy.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+        busy.close()
+        assert received > 3_000_000  # the response in flight completed
+        assert amb.wait(15) == 0
+        assert time.monotonic() - started < 10  # not the 20 s drain_timeout
+    finally:
+        amb.stop()
