@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -229,16 +230,22 @@ HAPROXY_CONFIG = """\
 global
     maxconn 4096
     nbthread 1
+{tune}
 defaults
     mode tcp
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-frontend bench
-    bind 127.0.0.1:{listen}
+frontend sink
+    bind 127.0.0.1:{sinkListen}
     default_backend sink
+frontend echo
+    bind 127.0.0.1:{echoListen}
+    default_backend echo
 backend sink
-    server s1 127.0.0.1:{upstream}
+    server s1 127.0.0.1:{sinkPort}
+backend echo
+    server s1 127.0.0.1:{echoPort}
 """
 
 
@@ -256,20 +263,84 @@ def ensureHaproxy() -> str | None:
     return None
 
 
+def loadAverage() -> str:
+    """The 1-minute load average: other work on the machine makes every number noisy."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+LOAD_AT_START = loadAverage()
+
+
 # -- the run ---------------------------------------------------------------------------
+
+@dataclass
+class Path_:
+    """One way from the load generators to the peer: direct, or through a proxy."""
+
+    name: str
+    sinkPort: int
+    echoPort: int
+    process: subprocess.Popen[bytes] | None = None
+
+
+def startAmbassador(tmp: Path, sinkPort: int, echoPort: int, cpu: int | None, reactor: str | None) -> Path_:
+    """The real twistd with two tcp routes (to the sink, to the echo server)."""
+    sinkListen, echoListen = freePort(), freePort()
+    command = [*TWISTD, "-n", "--pidfile=", "-l", str(tmp / "ambassador.log")]
+    if reactor:
+        command.append(f"--reactor={reactor}")
+    command += ["ambassador", "--admin", "none",
+                "--route", f"tcp tcp:{sinkListen} tcp:127.0.0.1:{sinkPort}",
+                "--route", f"tcp tcp:{echoListen} tcp:127.0.0.1:{echoPort}"]
+    process = start(command, cpu, tmp / "ambassador.out")
+    waitForPort(sinkListen, process=process)
+    waitForPort(echoListen, process=process)
+    return Path_("ambassador", sinkListen, echoListen, process)
+
+
+def startHaproxy(tmp: Path, binary: str, name: str, tune: str, sinkPort: int, echoPort: int,
+                 cpu: int | None) -> Path_:
+    sinkListen, echoListen = freePort(), freePort()
+    cfg = tmp / f"{name}.cfg"
+    cfg.write_text(HAPROXY_CONFIG.format(tune=tune, sinkListen=sinkListen, echoListen=echoListen,
+                                         sinkPort=sinkPort, echoPort=echoPort))
+    process = start([binary, "-db", "-f", str(cfg)], cpu, tmp / f"{name}.out")
+    waitForPort(sinkListen, process=process)
+    waitForPort(echoListen, process=process)
+    return Path_(name, sinkListen, echoListen, process)
+
+
+def measure(path: Path_, workload: str, args: argparse.Namespace) -> tuple[float, float]:
+    """One run of ``workload`` through ``path``: (result, proxy CPU share or nan)."""
+    pid = path.process.pid if path.process else None
+    cpu0 = cpuSeconds(pid) if pid else float("nan")
+    wall0 = time.perf_counter()
+    if workload == "ping-pong":
+        value = pingPong(path.echoPort, args.pingpong_seconds)
+    else:
+        streams = 1 if workload == "1 stream" else args.streams
+        value = throughput(path.sinkPort, int(args.bytes * 2**30), args.seconds, streams)
+    share = (cpuSeconds(pid) - cpu0) / (time.perf_counter() - wall0) if pid else float("nan")
+    return value, share
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bytes", type=float, default=4.0, help="GiB per throughput run (default 4)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="time bound per throughput run (default 6)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="time bound per throughput run (default 5)")
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams in the multi-stream run")
     parser.add_argument("--pingpong-seconds", type=float, default=3.0)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is shown")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per measurement, interleaved across paths; the median is shown")
     parser.add_argument("--proxy-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
     parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
     parser.add_argument("--reactor", default=None, help="twistd --reactor for ambassador (e.g. epoll, poll)")
-    parser.add_argument("--no-haproxy", action="store_true")
+    parser.add_argument("--haproxy-bufsize", type=int, default=262144,
+                        help="also run HAProxy with this tune.bufsize (0: only the stock 16 KiB)")
     parser.add_argument("--only", choices=["direct", "ambassador", "haproxy"], action="append",
                         help="measure only these paths (repeatable)")
     parser.add_argument("--quick", action="store_true", help="1 GiB / 3 s / 1 repeat: a smoke run")
@@ -293,70 +364,45 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ambassador-bench-"))
     atexit.register(stopAll)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    nbytes = int(args.bytes * 2**30)
     wanted = set(args.only or ["direct", "ambassador", "haproxy"])
-    if args.no_haproxy:
-        wanted.discard("haproxy")
-
-    sinkPort, echoPort = freePort(), freePort()
-    lifetime = 3600.0
-    peer = start([sys.executable, __file__, "--_peer", str(sinkPort), str(echoPort), str(lifetime)],
-                 clientCpu, tmp / "peer.log")
-    waitForPort(sinkPort, process=peer)
-    waitForPort(echoPort, process=peer)
-
-    paths: dict[str, tuple[int, int, subprocess.Popen[bytes] | None]] = {}
+    workloads = ["1 stream", f"{args.streams} streams", "ping-pong"]
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     try:
+        sinkPort, echoPort = freePort(), freePort()
+        peer = start([sys.executable, __file__, "--_peer", str(sinkPort), str(echoPort), "3600"],
+                     clientCpu, tmp / "peer.log")
+        waitForPort(sinkPort, process=peer)
+        waitForPort(echoPort, process=peer)
+        paths: list[Path_] = []
         if "direct" in wanted:
-            paths["direct"] = (sinkPort, echoPort, None)
+            paths.append(Path_("direct", sinkPort, echoPort))
         if "ambassador" in wanted:
-            for name, target in (("ambassador", sinkPort), ("ambassador-echo", echoPort)):
-                listen = freePort()
-                command = [*TWISTD, "-n", "--pidfile=", "-l", str(tmp / f"{name}.log")]
-                if args.reactor:
-                    command.append(f"--reactor={args.reactor}")
-                command += ["ambassador", "--admin", "none",
-                            "--route", f"tcp tcp:{listen} tcp:127.0.0.1:{target}"]
-                process = start(command, proxyCpu, tmp / f"{name}.out")
-                waitForPort(listen, process=process)
-                paths[name] = (listen, 0, process)
-            paths["ambassador"] = (paths["ambassador"][0], paths.pop("ambassador-echo")[0], paths["ambassador"][2])
+            paths.append(startAmbassador(tmp, sinkPort, echoPort, proxyCpu, args.reactor))
         if "haproxy" in wanted:
             binary = ensureHaproxy()
             if binary is None:
                 print("haproxy unavailable: skipped", flush=True)
             else:
-                ports = []
-                for name, target in (("haproxy", sinkPort), ("haproxy-echo", echoPort)):
-                    listen = freePort()
-                    cfg = tmp / f"{name}.cfg"
-                    cfg.write_text(HAPROXY_CONFIG.format(listen=listen, upstream=target))
-                    process = start([binary, "-db", "-f", str(cfg)], proxyCpu, tmp / f"{name}.out")
-                    waitForPort(listen, process=process)
-                    ports.append((listen, process))
-                paths["haproxy"] = (ports[0][0], ports[1][0], ports[0][1])
-
-        results: dict[str, dict[str, float]] = {}
-        for name, (port, pingPort, process) in paths.items():
-            row: dict[str, float] = {}
-            cpu0 = cpuSeconds(process.pid) if process else float("nan")
-            wall0 = time.perf_counter()
-            for label, streams in (("1 stream", 1), (f"{args.streams} streams", args.streams)):
-                runs = [throughput(port, nbytes, args.seconds, streams) for _ in range(args.repeat)]
-                row[label] = statistics.median(runs)
-                print(f"{name:10} {label:10} " + " ".join(f"{r:6.2f}" for r in runs) + " Gbit/s", flush=True)
-            if process:
-                row["proxy cpu %"] = 100 * (cpuSeconds(process.pid) - cpu0) / (time.perf_counter() - wall0)
-            runs = [pingPong(pingPort, args.pingpong_seconds) for _ in range(args.repeat)]
-            row["ping-pong"] = statistics.median(runs)
-            print(f"{name:10} ping-pong  " + " ".join(f"{r:8.0f}" for r in runs) + " round trips/s", flush=True)
-            results[name] = row
+                paths.append(startHaproxy(tmp, binary, "haproxy", "", sinkPort, echoPort, proxyCpu))
+                if args.haproxy_bufsize:
+                    paths.append(startHaproxy(
+                        tmp, binary, f"haproxy-{args.haproxy_bufsize // 1024}k",
+                        f"    tune.bufsize {args.haproxy_bufsize}", sinkPort, echoPort, proxyCpu,
+                    ))
+        for n in range(args.repeat):
+            for workload in workloads:
+                for path in paths:
+                    value, share = measure(path, workload, args)
+                    results.setdefault(path.name, {}).setdefault(workload, []).append((value, share))
+                    unit = "round trips/s" if workload == "ping-pong" else "Gbit/s"
+                    print(f"run {n + 1}/{args.repeat} {path.name:14} {workload:10} {value:10.2f} {unit}"
+                          + (f"  proxy CPU {100 * share:3.0f}%" if share == share else ""), flush=True)
     finally:
         stopAll()
 
-    report(args, results, pin, proxyCpu, clientCpu)
+    summary = report(args, results, workloads, pin, proxyCpu, clientCpu)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "args": sys.argv[1:]}, indent=2))
+        args.json.write_text(json.dumps({"summary": summary, "runs": results, "args": sys.argv[1:]}, indent=2))
     if args.keep:
         print(f"logs kept in {tmp}")
     else:
@@ -364,28 +410,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(args: argparse.Namespace, results: dict[str, dict[str, float]], pin: bool,
-           proxyCpu: int | None, clientCpu: int | None) -> None:
+def report(args: argparse.Namespace, results: dict[str, dict[str, list[tuple[float, float]]]],
+           workloads: list[str], pin: bool, proxyCpu: int | None, clientCpu: int | None,
+           ) -> dict[str, dict[str, float]]:
+    """Print the medians as a Markdown table plus the ratios; return the medians."""
     from twisted import version as twistedVersion
 
-    labels = ["1 stream", f"{args.streams} streams", "ping-pong"]
+    summary: dict[str, dict[str, float]] = {}
+    for name, rows in results.items():
+        summary[name] = {}
+        for workload, runs in rows.items():
+            summary[name][workload] = statistics.median(v for v, _ in runs)
+            shares = [s for _, s in runs if s == s]
+            if shares:
+                summary[name][workload + " proxy CPU"] = statistics.median(shares)
     print()
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, Twisted {twistedVersion.short()}, "
-          + (f"proxies on cpu {proxyCpu}, client+peer on cpu {clientCpu}" if pin else "not pinned"))
-    print(f"# {args.bytes:g} GiB or {args.seconds:g} s per run, median of {args.repeat}")
-    print(f"| {'path':10} | {'1 stream Gbit/s':>15} | {str(args.streams) + ' streams Gbit/s':>16} | "
-          f"{'ping-pong rt/s':>14} | {'proxy CPU %':>11} |")
-    print(f"|{'-' * 12}|{'-' * 17}|{'-' * 18}|{'-' * 16}|{'-' * 13}|")
-    for name, row in results.items():
-        cpu = row.get("proxy cpu %")
-        print(f"| {name:10} | {row[labels[0]]:15.2f} | {row[labels[1]]:16.2f} | {row[labels[2]]:14.0f} | "
-              f"{(f'{cpu:.0f}' if cpu is not None else '-'):>11} |")
-    amb = results.get("ambassador")
-    for other in ("direct", "haproxy"):
-        if amb and other in results:
-            ratios = ", ".join(f"{label} {amb[label] / results[other][label]:.2f}" for label in labels)
-            print(f"ambassador/{other}: {ratios}")
+          + (f"proxies on cpu {proxyCpu}, load generators and peer on cpu {clientCpu}" if pin else "not pinned"))
+    print(f"# {args.bytes:g} GiB or {args.seconds:g} s per throughput run, ping-pong {args.pingpong_seconds:g} s, "
+          f"median of {args.repeat} interleaved runs; (N%) = proxy CPU; load average {LOAD_AT_START} at start, "
+          f"{loadAverage()} at end")
+    print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    header = [f"{w} Gbit/s" if w != "ping-pong" else "ping-pong rt/s" for w in workloads]
+    print("| path | " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * len(header))
+    for name, row in summary.items():
+        cells = []
+        for w in workloads:
+            value = f"{row[w]:.0f}" if w == "ping-pong" else f"{row[w]:.2f}"
+            cpu = row.get(w + " proxy CPU")
+            cells.append(value + (f" ({100 * cpu:.0f}%)" if cpu is not None else ""))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    amb = summary.get("ambassador")
+    if amb:
+        for other in summary:
+            if other == "ambassador":
+                continue
+            ratios = ", ".join(f"{w} {amb[w] / summary[other][w]:.2f}" for w in workloads)
+            line = f"ambassador/{other}: {ratios}"
+            if other != "direct":
+                perCore = ", ".join(
+                    f"{w} {(amb[w] / amb[w + ' proxy CPU']) / (summary[other][w] / summary[other][w + ' proxy CPU']):.2f}"
+                    for w in workloads[:2]
+                )
+                line += f"; per proxy CPU-second: {perCore}"
+            print(line)
+    return summary
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ from ambassador.resilience.member import Member
 from ambassador.resilience.reasons import RequestFailed
 
 #: Bytes read per recv(); Twisted's default is 64 KiB.  Bigger reads mean fewer
-#: reactor iterations per megabyte relayed (measured in bench/tcp_throughput.py).
-#: Twisted also uses it as the write-buffer size that pauses the producer, so a
-#: pair buffers at most about 2 x READ_SIZE per direction.
-READ_SIZE = 256 * 1024
+#: reactor iterations per megabyte relayed: bench/tcp_throughput.py measured about
+#: 20 % less CPU per GiB at 1 MiB than at 256 KiB (bench/README.md).  Twisted also
+#: uses it as the write-buffer size that pauses the producer, so a stalled pair
+#: holds at most about 2 x READ_SIZE per direction in user space (on top of the
+#: kernel's socket buffers, which are of the same order).
+READ_SIZE = 1024 * 1024
 
 #: The idle check runs this many times per idle_timeout.  Activity is counted, not
 #: timed, on the hot path (bytesIn + bytesOut moved since the last check), so a pair
