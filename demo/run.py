@@ -150,4 +150,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.chdir(ROOT)
-    sys.exit(main())
+    status = main()
+    import http_demo  # the http route on its own ports: demo/http_demo.py
+
+    sys.exit(status or http_demo.main())
