@@ -738,3 +738,66 @@ upstreams = ["tcp:127.0.0.1:{upstream.port}"]
         assert time.monotonic() - started < 10  # not the 20 s drain_timeout
     finally:
         amb.stop()
+
+
+def test_tls_member_verified_and_a_wrong_ca_is_502_tls_error(tmp_path):
+    import ssl
+
+    import trustme
+
+    ca, otherCA = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    otherCA.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    port = freePort()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = self.headers.get("Host", "").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.handle_error = lambda request, address: None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    good, bad = freePort(), freePort()
+    config = f"""
+[[route]]
+name = "good"
+protocol = "http"
+listen = "tcp:{good}"
+upstreams = ["tcp:localhost:{port}"]
+[route.tls]
+trust_roots = "{tmp_path / 'ca.pem'}"
+
+[[route]]
+name = "bad"
+protocol = "http"
+listen = "tcp:{bad}"
+upstreams = ["tcp:localhost:{port}"]
+[route.tls]
+trust_roots = "{tmp_path / 'other.pem'}"
+[route.retry]
+attempts = 1
+"""
+    try:
+        with Ambassador(tmp_path, config=config):
+            r, data = _get(good, "/")
+            assert r.status == 200
+            assert data == f"localhost:{port}".encode()  # the member's host, port kept (not 443)
+            r, data = _get(bad, "/")
+            assert r.status == 502 and r.getheader("x-ambassador-error") == "tls-error"
+    finally:
+        server.shutdown()
+        server.server_close()
