@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
+from typing import Self
 
 #: How long a peer's connection may wait for a byte before giving up.
 PEER_TIMEOUT = 30.0
@@ -25,7 +26,7 @@ class Peer:
     """
 
     def __init__(
-        self, serve: Callable[["Peer", socket.socket], None], receiveBuffer: int | None = None,
+        self, serve: Callable[[Peer, socket.socket], None], receiveBuffer: int | None = None,
     ) -> None:
         self.serve = serve
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
@@ -47,7 +48,7 @@ class Peer:
         while not self.stopping.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -79,7 +80,7 @@ class Peer:
                 pass
         self.thread.join(2)
 
-    def __enter__(self) -> "Peer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,7 +184,7 @@ class Blackhole:
             s.close()
         self.listener.close()
 
-    def __enter__(self) -> "Blackhole":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

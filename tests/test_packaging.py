@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def run(*command: str | Path, cwd: Path, timeout: float = 300) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     done = subprocess.run(
-        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [str(c) for c in command], cwd=cwd, check=False, capture_output=True, text=True, timeout=timeout,
         env=env,
     )
     assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"

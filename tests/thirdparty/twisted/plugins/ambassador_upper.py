@@ -7,11 +7,12 @@ the connect attempts (retries, breakers, deadline); the plugin only moves bytes.
 
 from typing import Any
 
-from ambassador.interfaces import IRouteProtocol
-from ambassador.resilience.core import RequestRecord
 from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import IPlugin
 from zope.interface import implementer
+
+from ambassador.interfaces import IRouteProtocol
+from ambassador.resilience.core import RequestRecord
 
 
 class _MemberSide(Protocol):
