@@ -9,8 +9,8 @@ compared route by route (by name) with the running one:
 - a route whose listen endpoint or protocol changed binds the new endpoint, and the
   old one stops listening and drains;
 - any other change keeps the listening socket: new connections get a new route
-  (new settings, new resilience core) while connections already made finish on the
-  old one;
+  (new settings, new resilience core) while connections already made go on with the
+  old one until they close (none is cut; at shutdown they drain like the rest);
 - members that stayed (same endpoint string, same TLS) are carried over as they
   are, breaker state, counters and whatever a protocol keeps on them included; so
   is the retry budget's window.
@@ -40,6 +40,8 @@ log = Logger(namespace="ambassador")
 
 OK = "ok"
 ERROR = "error"
+#: How often the open connections of a changed route's old settings are counted.
+SUPERSEDED_POLL = 0.25
 
 
 @attrs.frozen
@@ -167,6 +169,7 @@ class Reloader(Service):
         self.reactor = reactor
         self.installSignal = installSignal
         self.retiring: set[Deferred[Any]] = set()
+        self.superseded: dict[RouteService, Deferred[None]] = {}
         self._busy = False
         self._again = False
         self._previousHandler: Any = None
@@ -186,14 +189,20 @@ class Reloader(Service):
         self._previousHandler = signal.signal(signal.SIGHUP, onSignal)
 
     def stopService(self) -> Deferred[Any]:
-        """Wait for the routes that a reload retired to finish draining."""
+        """Wait for the routes that a reload retired, or whose settings it replaced, to
+        finish draining."""
         Service.stopService(self)
         if self._previousHandler is not None:
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
-        if not self.retiring:
+        waits = list(self.retiring)
+        for old, done in list(self.superseded.items()):
+            # bounded by the old route's drain_timeout, like every route's connections
+            old.stopService()
+            waits.append(done)
+        if not waits:
             return succeed(None)
-        return DeferredList(list(self.retiring), consumeErrors=True)
+        return DeferredList(waits, consumeErrors=True)
 
     def reload(self) -> Deferred[bool]:
         """Re-read and apply the configuration; fires True if it was applied.
@@ -337,10 +346,41 @@ class Reloader(Service):
         new.port, old.port = old.port, None
         new.listening = True
         del ambassador.routes[old.route.name]
-        self._retire(old, "changed", replaced)
+        _detach(ambassador, old)
+        self._supersede(old, replaced)
         _attach(ambassador, new)
         ambassador.routes[new.route.name] = new
         log.info("route {route}: new connections get the new settings", route=new.route.name)
+
+    def _supersede(self, old: RouteService, factory: Any) -> None:
+        """A changed route's old connections go on until they close by themselves: a
+        settings change drops no connection (a tcp pair may live for hours).  Then its
+        factory stops.  At shutdown they drain like any route's (``stopService``).
+
+        A connection object that has a ``closeWhenIdle()`` method (a keep-alive
+        protocol's app connection) is asked to close once its request in flight is
+        answered, so that the app's next request comes in on a new connection, with
+        the new settings.
+        """
+        log.info("route {route} (changed): {n} open connections stay on the old settings "
+                 "until they close", route=old.route.name, n=old.core.activeConnections)
+        for connection in list(old.core.connections):
+            closeWhenIdle = getattr(connection, "closeWhenIdle", None)
+            if closeWhenIdle is not None:
+                closeWhenIdle()
+        done: Deferred[None] = Deferred()
+        self.superseded[old] = done
+
+        def check() -> None:
+            if old.core.activeConnections > 0:
+                self.reactor.callLater(SUPERSEDED_POLL, check)
+                return
+            del self.superseded[old]
+            factory.doStop()
+            log.info("route {route} (changed): old settings retired", route=old.route.name)
+            done.callback(None)
+
+        check()
 
     def _retire(self, old: RouteService, why: str, factory: Any = None) -> None:
         """Stop ``old`` (stop listening, if it still does, and drain its connections);
@@ -386,6 +426,13 @@ def _attach(parent: Any, service: RouteService) -> None:
     parent.namedServices[service.name] = service
     if parent.running:
         service.startService()
+
+
+def _detach(parent: Any, service: RouteService) -> None:
+    """Take a route service out of its parent without stopping it."""
+    parent.services.remove(service)
+    del parent.namedServices[service.name]
+    service.parent = None
 
 
 def _maybeDeferred(result: Any) -> Deferred[Any]:

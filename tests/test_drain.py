@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -10,7 +11,15 @@ import urllib.request
 
 import pytest
 from harness import Ambassador, freePort
-from test_reload import DEFAULTS, SlowMember, exchange, refused, reload, route
+from test_reload import (
+    DEFAULTS,
+    EchoMember,
+    SlowMember,
+    exchange,
+    refused,
+    reload,
+    route,
+)
 
 
 def exchangeOrCut(port: int, payload: bytes, timeout: float = 20.0) -> bytes:
@@ -113,3 +122,28 @@ def test_sigterm_also_waits_for_a_route_that_a_reload_removed(tmp_path):
         assert "route b (removed): old settings retired" in amb.log()
     finally:
         slow.close()
+
+
+def test_sigterm_drains_connections_left_on_a_changed_route_old_settings_by_the_bound(tmp_path):
+    echo = EchoMember()
+    listen = freePort()
+    config = DEFAULTS.replace('drain_timeout = "10s"', 'drain_timeout = "1s"') + route(
+        "r", listen, echo.port, extra="[route.retry]\nattempts = {n}\n")
+    try:
+        amb = Ambassador(tmp_path, config=config.format(n=2))
+        with socket.create_connection(("127.0.0.1", listen), timeout=10) as c:
+            c.sendall(b"open")
+            assert c.recv(100) == b"OPEN"
+            reload(amb, config.format(n=3), 1)
+            signalled = time.monotonic()
+            amb.signal(signal.SIGTERM)
+            assert amb.wait(20) == 0
+            assert time.monotonic() - signalled < 1.0 + 3.0
+            try:
+                assert c.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed at the bound: a reset is as good as an end
+        assert "route r (changed): old settings retired" in amb.log()
+    finally:
+        echo.close()
+        amb.stop()

@@ -229,3 +229,61 @@ def test_a_load_running_across_three_reloads_sees_no_failed_request(tmp_path, me
             generator.join(10)
         assert len(outcomes) > 10
         assert outcomes.count(False) == 0, f"{outcomes.count(False)} of {len(outcomes)} failed"
+
+
+class EchoMember:
+    """A member that echoes, upper-cased, everything on a connection until it closes."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.stopped = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                while data := conn.recv(1000):
+                    conn.sendall(data.upper())
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stopped = True
+        self.server.close()
+        self.thread.join(2)
+
+
+def test_a_settings_change_cuts_no_open_connection_even_past_drain_timeout(tmp_path):
+    echo = EchoMember()
+    listen = freePort()
+    config = DEFAULTS.replace('drain_timeout = "10s"', 'drain_timeout = "1s"') + route(
+        "r", listen, echo.port, extra="[route.retry]\nattempts = {n}\n")
+    try:
+        with Ambassador(tmp_path, config=config.format(n=2)) as amb:
+            with socket.create_connection(("127.0.0.1", listen), timeout=5) as c:
+                c.sendall(b"before")
+                assert c.recv(100) == b"BEFORE"
+                reload(amb, config.format(n=3), 1)
+                amb.waitForLog(r"stay on the old settings until they close")
+                time.sleep(1.5)  # longer than drain_timeout
+                c.sendall(b"after")
+                assert c.recv(100) == b"AFTER"
+                with socket.create_connection(("127.0.0.1", listen), timeout=5) as fresh:
+                    fresh.sendall(b"new")  # a new connection, on the new settings
+                    assert fresh.recv(100) == b"NEW"
+            amb.waitForLog(r"route r \(changed\): old settings retired")
+        assert amb.process.returncode == 0
+    finally:
+        echo.close()
