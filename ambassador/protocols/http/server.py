@@ -72,6 +72,11 @@ class ReadGate:
     def stopProducing(self) -> None:
         pass
 
+    def reset(self) -> None:
+        """A new member connection (or none) takes the body: forget old pressure."""
+        self.pressure = False
+        self._apply()
+
     def setHold(self, hold: bool) -> None:
         if hold != self.hold:
             self.hold = hold
@@ -239,6 +244,8 @@ class Exchange:
                 parts += [b"%x\r\n" % len(chunk), chunk, b"\r\n"]
             if self.bodyDone:
                 parts.append(b"0\r\n\r\n")
+        elif self.contentLength is not None:
+            parts.append(b"content-length: 0\r\n\r\n")  # some servers want it on a POST
         else:
             parts.append(b"\r\n")
         if not self.replayable:
@@ -248,9 +255,9 @@ class Exchange:
             connection.requestDone = True
         else:
             gate = self.app.gate
-            gate.pressure = False
+            gate.hold = False
+            gate.reset()
             connection.transport.registerProducer(gate, True)  # type: ignore[attr-defined]
-            gate.setHold(False)
 
     def bodyData(self, chunk: bytes) -> None:
         self.bodySize += len(chunk)
@@ -276,7 +283,7 @@ class Exchange:
                 sink.write(b"0\r\n\r\n")
             sink.requestWritten()
             sink.transport.unregisterProducer()  # type: ignore[attr-defined]
-            self.app.gate.pressure = False
+            self.app.gate.reset()
 
     def detached(self, connection: MemberConnection) -> None:
         """The member connection is done with this exchange (pooled, closed, failed)."""
@@ -286,8 +293,8 @@ class Exchange:
                 if connection.connected:
                     connection.transport.unregisterProducer()  # type: ignore[attr-defined]
                 gate = self.app.gate
-                gate.pressure = False
-                gate.setHold(True)
+                gate.hold = True
+                gate.reset()
 
     def touch(self) -> None:
         self.app.lastActivity = self.app.clock.seconds()
