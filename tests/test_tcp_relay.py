@@ -16,7 +16,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from ambassador.protocols.tcp import IDLE_CHECKS, READ_SIZE, _AppSide, _MemberSide, _relay, _socketFor
+from ambassador.protocols.tcp import (
+    IDLE_CHECKS, READ_SIZE, SMALL_READ, _AppSide, _MemberSide, _relay, _socketFor,
+)
 
 
 # --- _relay: straight into the socket, or through transport.write ---------------------
@@ -188,3 +190,18 @@ def test_a_byte_just_before_the_deadline_is_never_missed() -> None:
     app.dataReceived(b"y")
     clock.advance(7.99)
     assert not app.transport.disconnecting  # type: ignore[attr-defined]
+
+
+# --- adaptive read size ------------------------------------------------------------------
+
+
+def test_a_full_read_grows_the_read_size_and_a_short_one_shrinks_it_back() -> None:
+    app, member, clock = connectedPair(idle=60.0)
+    for side in (app, member):
+        assert side.transport.bufferSize == SMALL_READ  # type: ignore[attr-defined]
+        side.dataReceived(b"b" * SMALL_READ)  # the buffer was full: a bulk flow
+        assert side.transport.bufferSize == READ_SIZE  # type: ignore[attr-defined]
+        side.dataReceived(b"b" * (SMALL_READ + 1))  # a big-enough read keeps it
+        assert side.transport.bufferSize == READ_SIZE  # type: ignore[attr-defined]
+        side.dataReceived(b"s" * 100)  # request/response sized: small reads again
+        assert side.transport.bufferSize == SMALL_READ  # type: ignore[attr-defined]

@@ -24,13 +24,20 @@ from ambassador.resilience.core import RequestRecord, RouteCore
 from ambassador.resilience.member import Member
 from ambassador.resilience.reasons import RequestFailed
 
-#: Bytes read per recv(); Twisted's default is 64 KiB.  Bigger reads mean fewer
-#: reactor iterations per megabyte relayed: bench/tcp_throughput.py measured about
-#: 20 % less CPU per GiB at 1 MiB than at 256 KiB (bench/README.md).  Twisted also
-#: uses it as the write-buffer size that pauses the producer, so a stalled pair
-#: holds at most about 2 x READ_SIZE per direction in user space (on top of the
-#: kernel's socket buffers, which are of the same order).
+#: The largest recv() of a bulk flow.  Bigger reads mean fewer reactor iterations
+#: per megabyte relayed: bench/tcp_throughput.py measured about 20 % less CPU per
+#: GiB at 1 MiB than at 256 KiB (bench/README.md).  Twisted also uses a transport's
+#: read size (``bufferSize``) as the write-buffer size that pauses its producer, so a
+#: stalled pair holds at most about 2 x READ_SIZE per direction in user space (on
+#: top of the kernel's socket buffers, which are of the same order).
 READ_SIZE = 1024 * 1024
+
+#: Where reads start, and go back to after a short read.  CPython allocates every
+#: recv() buffer at full size and shrinks it: above glibc's mmap threshold (128 KiB
+#: until a large block is freed) that is mmap + mremap + munmap per read, which
+#: strace showed doubling the syscalls of a small request/response relay.  A read
+#: that fills the buffer switches to READ_SIZE (adaptive, like Netty's allocator).
+SMALL_READ = 64 * 1024
 
 #: The idle check runs this many times per idle_timeout.  Activity is counted, not
 #: timed, on the hot path (bytesIn + bytesOut moved since the last check), so a pair
@@ -102,11 +109,17 @@ class _MemberSide(Protocol):
         self.app = app
 
     def connectionMade(self) -> None:
-        self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        self.transport.bufferSize = SMALL_READ  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         app = self.app
-        app.bytesOut += len(data)
+        size = len(data)
+        app.bytesOut += size
+        transport = self.transport
+        if size >= transport.bufferSize:  # type: ignore[attr-defined]
+            transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        elif size < SMALL_READ:
+            transport.bufferSize = SMALL_READ  # type: ignore[attr-defined]
         _relay(app.transport, app.appSocket, data)
 
     def readConnectionLost(self) -> None:
@@ -163,7 +176,7 @@ class _AppSide(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self.admitted = True
-        self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        self.transport.bufferSize = SMALL_READ  # type: ignore[attr-defined]
         # Read nothing from the app until a member is connected: back-pressure from
         # the very first byte, and no buffer to replay.
         self.transport.pauseProducing()  # type: ignore[attr-defined]
@@ -234,7 +247,13 @@ class _AppSide(Protocol):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
-        self.bytesIn += len(data)
+        size = len(data)
+        self.bytesIn += size
+        transport = self.transport
+        if size >= transport.bufferSize:  # type: ignore[attr-defined]
+            transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        elif size < SMALL_READ:
+            transport.bufferSize = SMALL_READ  # type: ignore[attr-defined]
         _relay(self.memberTransport, self.memberSocket, data)
 
     def readConnectionLost(self) -> None:
