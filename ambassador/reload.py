@@ -353,21 +353,19 @@ class Reloader(Service):
         log.info("route {route}: new connections get the new settings", route=new.route.name)
 
     def _supersede(self, old: RouteService, factory: Any) -> None:
-        """A changed route's old connections go on until they close by themselves: a
-        settings change drops no connection (a tcp pair may live for hours).  Then its
-        factory stops.  At shutdown they drain like any route's (``stopService``).
+        """A changed route's old connections are not cut by the reload.
 
-        A connection object that has a ``closeWhenIdle()`` method (a keep-alive
-        protocol's app connection) is asked to close once its request in flight is
-        answered, so that the app's next request comes in on a new connection, with
-        the new settings.
+        The old factory is stopped at once (``doStop``: the port no longer uses it), as
+        when a route stops listening: a protocol with keep-alive connections closes
+        them there gracefully (http, line: idle ones now, busy ones after the answer
+        under way), so the app's next request arrives on a new connection, with the
+        new settings.  A tcp pair lives on, on its old settings, until it closes (it
+        may be a database session of hours).  At shutdown, whatever is left drains
+        like any route's connections (``stopService``).
         """
         log.info("route {route} (changed): {n} open connections stay on the old settings "
                  "until they close", route=old.route.name, n=old.core.activeConnections)
-        for connection in list(old.core.connections):
-            closeWhenIdle = getattr(connection, "closeWhenIdle", None)
-            if closeWhenIdle is not None:
-                closeWhenIdle()
+        factory.doStop()
         done: Deferred[None] = Deferred()
         self.superseded[old] = done
 
@@ -376,7 +374,6 @@ class Reloader(Service):
                 self.reactor.callLater(SUPERSEDED_POLL, check)
                 return
             del self.superseded[old]
-            factory.doStop()
             log.info("route {route} (changed): old settings retired", route=old.route.name)
             done.callback(None)
 
