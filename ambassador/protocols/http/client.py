@@ -58,17 +58,29 @@ class Response:
     """
 
     __slots__ = (
-        "status", "reason", "headers", "connection", "chunked", "contentLength",
-        "closeDelimited", "held", "heldSize", "complete", "consumer", "failed",
-        "keepAlive", "bodyless", "block",
+        "block",
+        "bodyless",
+        "chunked",
+        "closeDelimited",
+        "complete",
+        "connection",
+        "consumer",
+        "contentLength",
+        "failed",
+        "headers",
+        "held",
+        "heldSize",
+        "keepAlive",
+        "reason",
+        "status",
     )
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                 connection: "MemberConnection") -> None:
+                 connection: MemberConnection) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
-        self.connection = connection
+        self.connection: MemberConnection | None = connection
         self.chunked = False
         self.contentLength: bytes | None = None
         self.closeDelimited = False
@@ -106,7 +118,9 @@ class Response:
 class MemberConnection(Protocol):
     """One persistent connection to a member."""
 
-    def __init__(self, pool: "MemberPool", member: Any) -> None:
+    transport: Any  # a TCP/UNIX/TLS transport: also a producer and a consumer
+
+    def __init__(self, pool: MemberPool, member: Any) -> None:
         self.pool = pool
         self.member = member
         self.parser = httptools.HttpResponseParser(self)
@@ -132,7 +146,7 @@ class MemberConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.write = writerFor(self.transport)
-        self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        self.transport.bufferSize = READ_SIZE
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             try:
@@ -144,7 +158,7 @@ class MemberConnection(Protocol):
         """Close now; this connection will never be reused."""
         self.broken = True
         if self.transport is not None and self.connected:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -181,7 +195,7 @@ class MemberConnection(Protocol):
 
     # --- sending ---------------------------------------------------------------------
 
-    def send(self, exchange: "Exchange", host: bytes) -> Deferred[Response]:
+    def send(self, exchange: Exchange, host: bytes) -> Deferred[Response]:
         """Start one exchange on this connection; fires with the response head."""
         self.exchange = exchange
         self.response = None
@@ -193,7 +207,7 @@ class MemberConnection(Protocol):
         self.attemptDeferred = d
         if self.readPaused:
             self.readPaused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.resumeProducing()
         exchange.sendTo(self, host)
         return d
 
@@ -234,7 +248,7 @@ class MemberConnection(Protocol):
                 self._finish()
             self._fire(d, response, exchange)
 
-    def _fire(self, d: Deferred[Response], response: Response, exchange: "Exchange") -> None:
+    def _fire(self, d: Deferred[Response], response: Response, exchange: Exchange) -> None:
         status = response.status
         if status in exchange.retryStatuses:
             retryAfter = None
@@ -373,13 +387,13 @@ class MemberConnection(Protocol):
 
     def _pauseReading(self) -> None:
         self.readPaused = True
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.transport.pauseProducing()
 
 
 class _MemberFactory(Factory):
     noisy = False
 
-    def __init__(self, pool: "MemberPool", member: Any) -> None:
+    def __init__(self, pool: MemberPool, member: Any) -> None:
         self.pool = pool
         self.member = member
 
@@ -434,7 +448,7 @@ class MemberPool:
         # Idle connections read, so that a close (or stray bytes) is seen at once; the
         # app side may have paused this one for back-pressure.
         connection.readPaused = False
-        connection.transport.resumeProducing()  # type: ignore[attr-defined]
+        connection.transport.resumeProducing()
         connections.append(connection)
         if self.sweeper is None:
             self.sweeper = self.clock.callLater(self.idleTimeout, self._sweep)

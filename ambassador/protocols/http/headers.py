@@ -7,8 +7,8 @@ never decodes a header it only passes on.
 from __future__ import annotations
 
 import email.utils
+from collections.abc import Iterable
 from http import HTTPStatus
-from typing import Iterable
 
 from twisted.internet.endpoints import _parse
 

@@ -34,9 +34,7 @@ def parseRetryOn(value: Any) -> tuple[str, ...]:
             item = str(item)
         if not isinstance(item, str):
             raise ValueError(f"entries must be reasons or status codes, not {item!r}")
-        if item.isdigit() and len(item) == 3 and 100 <= int(item) <= 599:
-            out.append(item)
-        elif item in _REASONS:
+        if (item.isdigit() and len(item) == 3 and 100 <= int(item) <= 599) or item in _REASONS:
             out.append(item)
         else:
             raise ValueError(

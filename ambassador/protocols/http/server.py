@@ -27,8 +27,8 @@ from ambassador.resilience.core import RequestRecord
 from ambassador.resilience.reasons import RequestFailed
 
 from .client import MemberConnection, MemberPool, Response, StaleConnection
-from .transport import writerFor
 from .headers import MAX_HEAD, connectionTokens, errorResponse, reasonPhrase
+from .transport import writerFor
 
 log = Logger(namespace="ambassador")
 
@@ -53,7 +53,7 @@ class ReadGate:
     request waiting).  ``stopProducing`` is ignored: a member connection that dies must
     not take the app's connection with it (Twisted calls it on its producer)."""
 
-    __slots__ = ("transport", "pressure", "hold", "paused")
+    __slots__ = ("hold", "paused", "pressure", "transport")
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
@@ -98,7 +98,7 @@ class _Safety:
 
     __slots__ = ("exchange",)
 
-    def __init__(self, exchange: "Exchange") -> None:
+    def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
 
     def __bool__(self) -> bool:
@@ -137,14 +137,41 @@ class Exchange:
     """One request from the app and the response it gets."""
 
     __slots__ = (
-        "app", "method", "head", "hostIn", "keepAlive", "http10", "bodyKind", "contentLength",
-        "expectContinue", "chunks", "bodySize", "bodyDone", "replayable", "sink", "pending",
-        "held", "started", "attempts", "upstream", "result", "status", "bytesIn", "bytesOut",
-        "chunkOut", "closeAfter", "headWritten", "finished", "retryStatuses", "maxRetryBody",
-        "trace", "bodyless", "safeMethod",
+        "app",
+        "attempts",
+        "bodyDone",
+        "bodyKind",
+        "bodySize",
+        "bodyless",
+        "bytesIn",
+        "bytesOut",
+        "chunkOut",
+        "chunks",
+        "closeAfter",
+        "contentLength",
+        "expectContinue",
+        "finished",
+        "head",
+        "headWritten",
+        "held",
+        "hostIn",
+        "http10",
+        "keepAlive",
+        "maxRetryBody",
+        "method",
+        "pending",
+        "replayable",
+        "result",
+        "retryStatuses",
+        "safeMethod",
+        "sink",
+        "started",
+        "status",
+        "trace",
+        "upstream",
     )
 
-    def __init__(self, app: "AppConnection", method: bytes, head: bytes, hostIn: bytes | None,
+    def __init__(self, app: AppConnection, method: bytes, head: bytes, hostIn: bytes | None,
                  keepAlive: bool, http10: bool, bodyKind: int, contentLength: bytes | None,
                  expectContinue: bool, headSize: int) -> None:
         settings = app.settings
@@ -257,7 +284,7 @@ class Exchange:
             gate = self.app.gate
             gate.hold = False
             gate.reset()
-            connection.transport.registerProducer(gate, True)  # type: ignore[attr-defined]
+            connection.transport.registerProducer(gate, True)
 
     def bodyData(self, chunk: bytes) -> None:
         self.bodySize += len(chunk)
@@ -282,7 +309,7 @@ class Exchange:
             if self.bodyKind == _CHUNKED:
                 sink.write(b"0\r\n\r\n")
             sink.requestWritten()
-            sink.transport.unregisterProducer()  # type: ignore[attr-defined]
+            sink.transport.unregisterProducer()
             self.app.gate.reset()
 
     def detached(self, connection: MemberConnection) -> None:
@@ -291,7 +318,7 @@ class Exchange:
             self.sink = None
             if not self.bodyDone:
                 if connection.connected:
-                    connection.transport.unregisterProducer()  # type: ignore[attr-defined]
+                    connection.transport.unregisterProducer()
                 gate = self.app.gate
                 gate.hold = True
                 gate.reset()
@@ -357,7 +384,7 @@ class Exchange:
         app = self.app
         # Unregister first: the member connection is pooled already, and a full app
         # buffer must not pause it from here on.
-        app.transport.unregisterProducer()  # type: ignore[attr-defined]
+        app.transport.unregisterProducer()
         if self.chunkOut:
             app.write(b"0\r\n\r\n")
             self.bytesOut += 5
@@ -368,7 +395,7 @@ class Exchange:
         app = self.app
         self.result = reason
         if not app.closed:
-            app.transport.unregisterProducer()  # type: ignore[attr-defined]
+            app.transport.unregisterProducer()
         self.closeAfter = True
         app.exchangeDone(self, abort=True)
 
@@ -376,7 +403,9 @@ class Exchange:
 class AppConnection(Protocol):
     """One app connection: keep-alive requests, answered in order."""
 
-    def __init__(self, factory: "HTTPFactory") -> None:
+    transport: Any  # a TCP/UNIX/TLS transport: also a producer and a consumer
+
+    def __init__(self, factory: HTTPFactory) -> None:
         self.factory = factory
         self.core = factory.core
         self.clock = factory.clock
@@ -441,7 +470,7 @@ class AppConnection(Protocol):
 
     def abort(self) -> None:
         """Close now (drain timeout, idle): whatever is in flight is dropped."""
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     def drain(self) -> None:
         """The route stops: close when idle, else after the response under way."""
@@ -652,7 +681,7 @@ class AppConnection(Protocol):
             self.write(b"".join(parts))
             connection = response.connection
             if connection is not None and connection.connected:
-                self.transport.registerProducer(connection.transport, True)  # type: ignore[attr-defined]
+                self.transport.registerProducer(connection.transport, True)
 
     def respondError(self, exchange: Exchange, reason: str) -> None:
         """The ambassador's own answer for ``reason`` (SPEC §4/http table)."""
@@ -704,7 +733,7 @@ class AppConnection(Protocol):
             return
         if abort:
             self.closing = True
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
             return
         if exchange.closeAfter or self.closing:
             self.closing = True
@@ -756,7 +785,7 @@ class HTTPFactory(Factory):
     def doStop(self) -> None:
         """The route stops listening (shutdown, reload): idle keep-alive connections
         close now, busy ones after their response, so the drain ends early."""
-        Factory.doStop(self)
+        super().doStop()
         for connection in list(self.connections):
             connection.drain()
         self.pool.closeAll()
