@@ -93,3 +93,49 @@ class IRouteObserver(Interface):
 
     def connectionsChanged(route: str, active: int) -> None:
         """The number of downstream connections of the route changed."""
+
+
+class ILineDialect(Interface):
+    """The framing of a ``line`` route (SPEC §4/line, §9): how the app's byte stream
+    splits into requests and a member's into replies, which requests are safe to
+    repeat, their keys, and the ambassador's own error reply.
+
+    A dialect is a Twisted plugin (``IPlugin`` and this), found with
+    ``twisted.plugin.getPlugins(ILineDialect)``; ``ambassador.protocols.line`` has
+    the base classes (``LineRequest``, ``ProtocolError``) a dialect builds on.
+    """
+
+    name = Attribute("The dialect name: the value of a line route's 'dialect' option.")
+
+    def requestParser(route: Any) -> Any:
+        """
+        A new incremental parser of one app connection's bytes.
+
+        @param route: the ``ambassador.config.Route`` (options, ``balance``).
+        @return: an object with ``feed(data: bytes) -> list[LineRequest]``, raising
+            ``ProtocolError`` on a malformed request (after which it is not used again).
+        """
+
+    def responseParser() -> Any:
+        """
+        A new incremental parser of one member connection's bytes.
+
+        @return: an object with ``feed(data: bytes) -> None`` and
+            ``next(kind) -> bytes | None``: the raw bytes of the next complete reply to
+            a request whose ``LineRequest.kind`` is ``kind``, or None until it is all
+            there; raises ``ProtocolError`` when the member speaks garbage.
+        """
+
+    def errorReply(reason: str) -> bytes:
+        """The ambassador's own error reply for ``reason`` (e.g. b"-ERR ambassador reset\\r\\n")."""
+
+    def split(request: Any, ownerOf: Callable[[bytes], Any]) -> Any:
+        """
+        Split a multi-key request (``LineRequest.keys`` set) per owner under
+        ``balance = "hash"``.
+
+        @param ownerOf: maps a key to a hashable token naming its member.
+        @return: None when every key has the same owner (send the request whole), else
+            ``(parts, merge)``: requests (each with the key of its owner) and a function
+            from their replies, in order, to the reply for the app.
+        """

@@ -1,0 +1,353 @@
+"""The ``redis`` dialect: RESP2 requests (arrays of bulk strings, inline commands)
+and every RESP2 reply (simple strings, errors, integers, bulk and null bulk strings,
+arrays, nested and null).
+
+Requests are forwarded byte for byte (inline commands are re-encoded as arrays);
+replies are framed, not decoded, except where a split command's parts are merged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from ambassador.interfaces import ILineDialect
+from ambassador.protocols.line import MAX_LINE, LineRequest, ProtocolError, Stream
+
+#: Redis's own limits (proto-max-bulk-len, and the multibulk length it accepts).
+MAX_BULK = 512 * 1024 * 1024
+MAX_ARGS = 1024 * 1024
+#: Deepest reply nesting accepted from a member (redis never nests this deep).
+MAX_DEPTH = 64
+
+UNSUPPORTED = "unsupported"
+PROTOCOL_ERROR = "protocol-error"
+
+#: Commands that read only: repeated after a reset, they do no harm (SPEC §4/line).
+READ_ONLY = frozenset(
+    b"""GET MGET EXISTS TTL PTTL EXPIRETIME PEXPIRETIME TYPE STRLEN GETRANGE SUBSTR GETBIT
+    BITCOUNT BITPOS HGET HGETALL HMGET HEXISTS HKEYS HVALS HLEN HSTRLEN HRANDFIELD HSCAN
+    LRANGE LLEN LINDEX LPOS SMEMBERS SISMEMBER SMISMEMBER SCARD SRANDMEMBER SSCAN SUNION
+    SINTER SDIFF SINTERCARD ZRANGE ZRANGEBYSCORE ZREVRANGE ZREVRANGEBYSCORE ZRANGEBYLEX
+    ZREVRANGEBYLEX ZSCORE ZMSCORE ZCARD ZCOUNT ZLEXCOUNT ZRANK ZREVRANK ZRANDMEMBER ZSCAN
+    ZUNION ZINTER ZDIFF ZINTERCARD XRANGE XREVRANGE XLEN GEOPOS GEODIST GEOHASH GEOSEARCH
+    GEORADIUS_RO GEORADIUSBYMEMBER_RO PFCOUNT DUMP OBJECT LCS SORT_RO KEYS SCAN DBSIZE
+    RANDOMKEY PING ECHO TIME INFO LASTSAVE COMMAND HELLO""".split()
+)
+
+#: Commands that need a connection of their own, or change a pooled connection's
+#: state for everyone on it: they cannot work through a pooled proxy.
+ALWAYS_UNSUPPORTED = frozenset(
+    b"""SUBSCRIBE PSUBSCRIBE SSUBSCRIBE UNSUBSCRIBE PUNSUBSCRIBE SUNSUBSCRIBE MONITOR MULTI
+    EXEC DISCARD WATCH UNWATCH SELECT AUTH CLIENT RESET READONLY READWRITE ASKING
+    SYNC PSYNC REPLCONF WAIT WAITAOF BLPOP BRPOP BRPOPLPUSH BLMOVE BLMPOP BZPOPMIN
+    BZPOPMAX BZMPOP""".split()
+)
+
+#: Under ``balance = "hash"``: commands over several keys that cannot be split per
+#: member, and commands over the whole keyspace (one member's answer would be a lie).
+HASH_UNSUPPORTED = frozenset(
+    b"""MSETNX RENAME RENAMENX SMOVE SUNION SINTER SDIFF SUNIONSTORE SINTERSTORE SDIFFSTORE
+    SINTERCARD ZUNION ZINTER ZDIFF ZUNIONSTORE ZINTERSTORE ZDIFFSTORE ZINTERCARD ZRANGESTORE
+    LMOVE RPOPLPUSH LMPOP ZMPOP PFMERGE BITOP COPY LCS GEOSEARCHSTORE XREAD XREADGROUP
+    MIGRATE SWAPDB KEYS SCAN DBSIZE RANDOMKEY FLUSHALL FLUSHDB""".split()
+)
+
+#: Scripts and functions: unsupported under hash when they name keys.
+SCRIPTS = frozenset(b"EVAL EVALSHA EVAL_RO EVALSHA_RO FCALL FCALL_RO".split())
+
+#: Multi-key commands split per member under hash, and how their replies merge.
+SPLIT = {b"MGET": "array", b"DEL": "sum", b"UNLINK": "sum", b"EXISTS": "sum",
+         b"TOUCH": "sum", b"MSET": "ok"}
+
+_OK = b"+OK\r\n"
+
+
+def _number(text: bytes) -> int:
+    """A strict decimal integer (``int()`` would take spaces, ``+`` and ``_``)."""
+    if text.isdigit() or (text[:1] == b"-" and text[1:].isdigit()):
+        return int(text)
+    raise ProtocolError(f"not a number: {text[:20]!r}")
+
+
+def encode(args: list[bytes]) -> bytes:
+    """A command as a RESP array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+def replyEnd(buf: bytes, pos: int, depth: int = 0) -> int:
+    """The end of the RESP2 reply that starts at ``pos``.
+
+    @raise _Incomplete: with the buffer length needed to get further.
+    @raise ProtocolError: the bytes are not RESP2.
+    """
+    if pos >= len(buf):
+        raise _Incomplete(pos + 1)
+    kind = buf[pos]
+    eol = buf.find(b"\r\n", pos)
+    if eol < 0:
+        if len(buf) - pos > MAX_LINE:
+            raise ProtocolError("reply line too long")
+        raise _Incomplete(len(buf) + 1)
+    if kind == 43 or kind == 45:  # + -
+        return eol + 2
+    if kind == 58:  # :
+        _number(buf[pos + 1:eol])
+        return eol + 2
+    if kind == 36:  # $
+        n = _number(buf[pos + 1:eol])
+        if n < 0:
+            if n != -1:
+                raise ProtocolError("bad bulk length")
+            return eol + 2
+        end = eol + 2 + n
+        if end + 2 > len(buf):
+            raise _Incomplete(end + 2)
+        if buf[end:end + 2] != b"\r\n":
+            raise ProtocolError("bulk string not ended by CRLF")
+        return end + 2
+    if kind == 42:  # *
+        n = _number(buf[pos + 1:eol])
+        if n < -1:
+            raise ProtocolError("bad array length")
+        if depth >= MAX_DEPTH:
+            raise ProtocolError("reply nested too deep")
+        p = eol + 2
+        for _ in range(n):
+            p = replyEnd(buf, p, depth + 1)
+        return p
+    raise ProtocolError(f"not a RESP2 reply: {buf[pos:pos + 20]!r}")
+
+
+class _Incomplete(Exception):
+    def __init__(self, need: int) -> None:
+        self.need = need
+
+
+def arrayItems(reply: bytes) -> list[bytes] | None:
+    """The raw elements of an array reply, or None when it is not an array."""
+    if not reply.startswith(b"*"):
+        return None
+    eol = reply.find(b"\r\n")
+    n = _number(reply[1:eol])
+    items = []
+    p = eol + 2
+    for _ in range(max(n, 0)):
+        end = replyEnd(reply, p)
+        items.append(reply[p:end])
+        p = end
+    return items
+
+
+class RedisRequestParser:
+    """Frames one app connection's RESP2 stream into requests."""
+
+    def __init__(self, hashing: bool) -> None:
+        self.hashing = hashing
+        self.stream = Stream()
+        self.failed = False
+
+    def feed(self, data: bytes) -> list[LineRequest]:
+        if self.failed:
+            return []
+        stream = self.stream
+        stream.feed(data)
+        if not stream.ready:
+            return []
+        buf = stream.join()
+        pos = stream.pos
+        size = len(buf)
+        out: list[LineRequest] = []
+        try:
+            while pos < size:
+                if buf[pos] == 42:  # *
+                    eol = buf.find(b"\r\n", pos)
+                    if eol < 0:
+                        if size - pos > MAX_LINE:
+                            raise ProtocolError("request line too long")
+                        stream.wait(size + 1)
+                        break
+                    n = _number(buf[pos + 1:eol])
+                    if n > MAX_ARGS:
+                        raise ProtocolError("too many arguments")
+                    p = eol + 2
+                    if n <= 0:  # redis skips empty arrays too
+                        pos = p
+                        stream.consume(pos)
+                        continue
+                    args = []
+                    complete = True
+                    for _ in range(n):
+                        if p >= size:
+                            stream.wait(p + 1)
+                            complete = False
+                            break
+                        if buf[p] != 36:  # $
+                            raise ProtocolError("expected a bulk string")
+                        eol = buf.find(b"\r\n", p)
+                        if eol < 0:
+                            if size - p > MAX_LINE:
+                                raise ProtocolError("bulk header too long")
+                            stream.wait(size + 1)
+                            complete = False
+                            break
+                        length = _number(buf[p + 1:eol])
+                        if not 0 <= length <= MAX_BULK:
+                            raise ProtocolError("bad bulk length")
+                        end = eol + 2 + length
+                        if end + 2 > size:
+                            stream.wait(end + 2)
+                            complete = False
+                            break
+                        if buf[end:end + 2] != b"\r\n":
+                            raise ProtocolError("bulk string not ended by CRLF")
+                        args.append(buf[eol + 2:end])
+                        p = end + 2
+                    if not complete:
+                        break
+                    out.append(self.classify(args, buf[pos:p]))
+                    pos = p
+                    stream.consume(pos)
+                else:
+                    eol = buf.find(b"\n", pos)
+                    if eol < 0:
+                        if size - pos > MAX_LINE:
+                            raise ProtocolError("inline request too long")
+                        stream.wait(size + 1)
+                        break
+                    args = buf[pos:eol].split()
+                    pos = eol + 1
+                    stream.consume(pos)
+                    if args:
+                        out.append(self.classify(args, encode(args)))
+        except ProtocolError:
+            self.failed = True
+            out.append(LineRequest.failing(PROTOCOL_ERROR, close=True))
+        return out
+
+    def classify(self, args: list[bytes], raw: bytes) -> LineRequest:
+        name = args[0].upper()
+        key = args[1] if len(args) > 1 else None
+        if name in ALWAYS_UNSUPPORTED:
+            return LineRequest(raw, error=UNSUPPORTED, info=args)
+        if name == b"HELLO" and args[1:] not in ([], [b"2"]):
+            # RESP3, AUTH or SETNAME would change a pooled connection for everyone
+            return LineRequest(raw, error=UNSUPPORTED, info=args)
+        if name == b"QUIT":
+            return LineRequest(raw, localReply=_OK, close=True, info=args)
+        if self.hashing:
+            if name in HASH_UNSUPPORTED and not (name in (b"SUNION", b"SINTER", b"SDIFF") and len(args) <= 2):
+                return LineRequest(raw, error=UNSUPPORTED, info=args)
+            if name in SCRIPTS:
+                if len(args) < 3 or not args[2].isdigit():
+                    return LineRequest(raw, error=UNSUPPORTED, info=args)
+                if int(args[2]) > 0:
+                    return LineRequest(raw, error=UNSUPPORTED, info=args)
+                key = None
+            if name in SPLIT:
+                keys = args[2::2] if name == b"MSET" else args[1:]
+                if len(keys) > 1 and (name != b"MSET" or len(args) % 2 == 1):
+                    return LineRequest(raw, key, name in READ_ONLY, keys=keys, info=args)
+        if name in (b"XREAD", b"XREADGROUP") and b"BLOCK" in (a.upper() for a in args):
+            return LineRequest(raw, error=UNSUPPORTED, info=args)
+        return LineRequest(raw, key, name in READ_ONLY, info=args)
+
+
+class RedisResponseParser:
+    """Frames one member connection's stream into RESP2 replies."""
+
+    def __init__(self) -> None:
+        self.stream = Stream()
+
+    def feed(self, data: bytes) -> None:
+        self.stream.feed(data)
+
+    def next(self, kind: Any) -> bytes | None:
+        stream = self.stream
+        if not stream.ready:
+            return None
+        buf = stream.join()
+        pos = stream.pos
+        try:
+            end = replyEnd(buf, pos)
+        except _Incomplete as e:
+            stream.wait(e.need)
+            return None
+        stream.consume(end)
+        if pos == 0 and end == len(buf):
+            return buf
+        return buf[pos:end]
+
+
+@implementer(IPlugin, ILineDialect)
+class RedisDialect:
+    """The ``redis`` dialect plugin."""
+
+    name = "redis"
+    healthCheck = b"*1\r\n$4\r\nPING\r\n"
+
+    def requestParser(self, route: Any) -> RedisRequestParser:
+        return RedisRequestParser(route.balance == "hash")
+
+    def responseParser(self) -> RedisResponseParser:
+        return RedisResponseParser()
+
+    def errorReply(self, reason: str) -> bytes:
+        return b"-ERR ambassador %s\r\n" % reason.encode()
+
+    def split(
+        self, request: LineRequest, ownerOf: Callable[[bytes], Any]
+    ) -> tuple[list[LineRequest], Callable[[list[bytes]], bytes]] | None:
+        args: list[bytes] = request.info
+        name = args[0].upper()
+        merge = SPLIT[name]
+        step = 2 if name == b"MSET" else 1
+        groups: dict[Any, list[int]] = {}
+        for i in range(1, len(args), step):
+            groups.setdefault(ownerOf(args[i]), []).append(i)
+        if len(groups) == 1:
+            return None
+        parts = []
+        positions = []
+        for indexes in groups.values():
+            partArgs = [args[0]]
+            for i in indexes:
+                partArgs.extend(args[i:i + step])
+            parts.append(LineRequest(encode(partArgs), args[indexes[0]], request.safe, info=partArgs))
+            positions.append([(i - 1) // step for i in indexes])
+        count = (len(args) - 1) // step
+
+        if merge == "array":
+            def mergeReplies(replies: list[bytes]) -> bytes:
+                values: list[bytes] = [b""] * count
+                for where, reply in zip(positions, replies):
+                    items = arrayItems(reply)
+                    if items is None or len(items) != len(where):
+                        return reply
+                    for i, item in zip(where, items):
+                        values[i] = item
+                return b"*%d\r\n%s" % (count, b"".join(values))
+        elif merge == "sum":
+            def mergeReplies(replies: list[bytes]) -> bytes:
+                total = 0
+                for reply in replies:
+                    if not reply.startswith(b":"):
+                        return reply
+                    total += int(reply[1:-2])
+                return b":%d\r\n" % total
+        else:
+            def mergeReplies(replies: list[bytes]) -> bytes:
+                for reply in replies:
+                    if reply != _OK:
+                        return reply
+                return _OK
+
+        return parts, mergeReplies
+
+
+redisDialect = RedisDialect()
