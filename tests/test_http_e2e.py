@@ -801,3 +801,49 @@ attempts = 1
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_unix_socket_member_and_listener(tmp_path):
+    import socketserver
+
+    path = str(tmp_path / "member.sock")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def address_string(self) -> str:
+            return "unix"
+
+        def do_GET(self) -> None:
+            body = self.headers.get("Host", "").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    server = Server(path, Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    listen = str(tmp_path / "app.sock")
+    try:
+        with Ambassador(tmp_path, routes=[f"http unix:{listen} unix:{path}"]):
+            for _ in range(3):  # keep-alive on both unix sockets
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(listen)
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+                    data = b""
+                    while True:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\nlocalhost")
+    finally:
+        server.shutdown()
+        server.server_close()
