@@ -103,8 +103,14 @@ def runPeer(sinkPort: int, echoPort: int, lifetime: float) -> None:
 
 # -- the load generators (run in this process, pinned to the client core) ----------
 
-def sendStream(port: int, nbytes: int, until: float, result: list[tuple[int, float]]) -> None:
-    """Push up to ``nbytes`` (or until ``until``), half-close, wait for the count."""
+def sendStream(port: int, nbytes: int, until: float, result: list[tuple[int, float]],
+               halfClose: bool = True) -> None:
+    """Push up to ``nbytes`` (or until ``until``), half-close, wait for the count.
+
+    ``halfClose=False`` is for a relay that closes both ways on the sender's FIN
+    (C{twisted.protocols.portforward}): the count cannot come back, so the time
+    runs to the relay's close (it flushes first) and delivery is not verified.
+    """
     payload = memoryview(b"x" * CHUNK)
     start = time.perf_counter()
     sent = 0
@@ -120,18 +126,20 @@ def sendStream(port: int, nbytes: int, until: float, result: list[tuple[int, flo
                 break
             answer += data
     elapsed = time.perf_counter() - start
-    if len(answer) != 8 or struct.unpack("!Q", answer)[0] != sent:
+    if not halfClose and answer == b"":
+        pass
+    elif len(answer) != 8 or struct.unpack("!Q", answer)[0] != sent:
         raise RuntimeError(f"sink saw {answer!r}, sent {sent}: the path lost bytes")
     result.append((sent, elapsed))
 
 
-def throughput(port: int, nbytes: int, seconds: float, streams: int) -> float:
+def throughput(port: int, nbytes: int, seconds: float, streams: int, halfClose: bool = True) -> float:
     """Gbit/s of ``streams`` concurrent senders through ``port``."""
     results: list[tuple[int, float]] = []
     until = time.monotonic() + seconds
     start = time.perf_counter()
     threads = [
-        threading.Thread(target=sendStream, args=(port, nbytes // streams, until, results), daemon=True)
+        threading.Thread(target=sendStream, args=(port, nbytes // streams, until, results, halfClose), daemon=True)
         for _ in range(streams)
     ]
     for t in threads:
@@ -284,21 +292,58 @@ class Path_:
     sinkPort: int
     echoPort: int
     process: subprocess.Popen[bytes] | None = None
+    #: the process relaying ping-pong, when it is not ``process``
+    echoProcess: subprocess.Popen[bytes] | None = None
+    #: False: the path does not pass a half-close on (see sendStream)
+    halfClose: bool = True
 
 
-def startAmbassador(tmp: Path, sinkPort: int, echoPort: int, cpu: int | None, reactor: str | None) -> Path_:
+def twistdWithTcpModule(path: Path) -> list[str]:
+    """twistd whose ``ambassador.protocols.tcp`` is the file at ``path`` (e.g. an older
+    revision, ``git show REV:ambassador/protocols/tcp.py``): a before/after comparison
+    in one run, with everything else the same."""
+    code = (
+        "import sys, importlib.util, ambassador.protocols\n"
+        f"spec = importlib.util.spec_from_file_location('ambassador.protocols.tcp', {str(path)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['ambassador.protocols.tcp'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "from twisted.scripts.twistd import run; run()\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def startAmbassador(tmp: Path, name: str, sinkPort: int, echoPort: int, cpu: int | None,
+                    reactor: str | None, tcpModule: Path | None = None) -> Path_:
     """The real twistd with two tcp routes (to the sink, to the echo server)."""
     sinkListen, echoListen = freePort(), freePort()
-    command = [*TWISTD, "-n", "--pidfile=", "-l", str(tmp / "ambassador.log")]
+    twistd = twistdWithTcpModule(tcpModule) if tcpModule else TWISTD
+    command = [*twistd, "-n", "--pidfile=", "-l", str(tmp / f"{name}.log")]
     if reactor:
         command.append(f"--reactor={reactor}")
     command += ["ambassador", "--admin", "none",
                 "--route", f"tcp tcp:{sinkListen} tcp:127.0.0.1:{sinkPort}",
                 "--route", f"tcp tcp:{echoListen} tcp:127.0.0.1:{echoPort}"]
-    process = start(command, cpu, tmp / "ambassador.out")
+    process = start(command, cpu, tmp / f"{name}.out")
     waitForPort(sinkListen, process=process)
     waitForPort(echoListen, process=process)
-    return Path_("ambassador", sinkListen, echoListen, process)
+    return Path_(name, sinkListen, echoListen, process)
+
+
+def startPortforward(tmp: Path, sinkPort: int, echoPort: int, cpu: int | None) -> Path_:
+    """Stock C{twisted.protocols.portforward} (``twistd portforward``): one process
+    per destination, so the sink and the echo server get one each."""
+    ports, processes = [], []
+    for name, target in (("portforward", sinkPort), ("portforward-echo", echoPort)):
+        listen = freePort()
+        command = [*TWISTD, "-n", "--pidfile=", "-l", str(tmp / f"{name}.log"), "portforward",
+                   "--port", f"tcp:{listen}:interface=127.0.0.1", "--host", "127.0.0.1",
+                   "--dest_port", str(target)]
+        process = start(command, cpu, tmp / f"{name}.out")
+        waitForPort(listen, process=process)
+        ports.append(listen)
+        processes.append(process)
+    return Path_("portforward", ports[0], ports[1], processes[0], processes[1], halfClose=False)
 
 
 def startHaproxy(tmp: Path, binary: str, name: str, tune: str, sinkPort: int, echoPort: int,
@@ -315,14 +360,15 @@ def startHaproxy(tmp: Path, binary: str, name: str, tune: str, sinkPort: int, ec
 
 def measure(path: Path_, workload: str, args: argparse.Namespace) -> tuple[float, float]:
     """One run of ``workload`` through ``path``: (result, proxy CPU share or nan)."""
-    pid = path.process.pid if path.process else None
+    process = path.echoProcess if workload == "ping-pong" and path.echoProcess else path.process
+    pid = process.pid if process else None
     cpu0 = cpuSeconds(pid) if pid else float("nan")
     wall0 = time.perf_counter()
     if workload == "ping-pong":
         value = pingPong(path.echoPort, args.pingpong_seconds)
     else:
         streams = 1 if workload == "1 stream" else args.streams
-        value = throughput(path.sinkPort, int(args.bytes * 2**30), args.seconds, streams)
+        value = throughput(path.sinkPort, int(args.bytes * 2**30), args.seconds, streams, path.halfClose)
     share = (cpuSeconds(pid) - cpu0) / (time.perf_counter() - wall0) if pid else float("nan")
     return value, share
 
@@ -343,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run HAProxy with this tune.bufsize (0: only the stock 16 KiB)")
     parser.add_argument("--only", choices=["direct", "ambassador", "haproxy"], action="append",
                         help="measure only these paths (repeatable)")
+    parser.add_argument("--portforward", action="store_true",
+                        help="also measure stock twisted.protocols.portforward (twistd portforward)")
+    parser.add_argument("--tcp-py", type=Path, metavar="FILE",
+                        help="also measure ambassador with this tcp.py (e.g. an older revision)")
     parser.add_argument("--quick", action="store_true", help="1 GiB / 3 s / 1 repeat: a smoke run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
@@ -377,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         if "direct" in wanted:
             paths.append(Path_("direct", sinkPort, echoPort))
         if "ambassador" in wanted:
-            paths.append(startAmbassador(tmp, sinkPort, echoPort, proxyCpu, args.reactor))
+            paths.append(startAmbassador(tmp, "ambassador", sinkPort, echoPort, proxyCpu, args.reactor))
+        if args.tcp_py:
+            paths.append(startAmbassador(tmp, f"tcp.py:{args.tcp_py.name}", sinkPort, echoPort, proxyCpu,
+                                         args.reactor, args.tcp_py.resolve()))
+        if args.portforward:
+            paths.append(startPortforward(tmp, sinkPort, echoPort, proxyCpu))
         if "haproxy" in wanted:
             binary = ensureHaproxy()
             if binary is None:
