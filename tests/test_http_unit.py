@@ -231,3 +231,18 @@ def test_overloaded_connection_gets_503():
     assert other.value().startswith(b"HTTP/1.1 503")
     assert b"x-ambassador-error: overloaded" in other.value()
     assert endpoint.connections == []
+
+
+def test_a_big_head_in_several_reads_is_fine_under_64k_and_431_over():
+    app, transport, endpoint, clock, core = _app()
+    header = b"X-A: " + b"a" * 20000 + b"\r\n"
+    app.dataReceived(b"GET / HTTP/1.1\r\nHost: app\r\n" + header)
+    app.dataReceived(header)
+    app.dataReceived(header + b"\r\n")
+    assert transport.value() == b"" and len(endpoint.connections) == 1
+    app2, transport2, endpoint2, _, _ = _app()
+    app2.dataReceived(b"GET / HTTP/1.1\r\nHost: app\r\nX-B: ")
+    for _ in range(5):
+        app2.dataReceived(b"b" * 20000)  # one endless header line
+    assert transport2.value().startswith(b"HTTP/1.1 431")
+    assert endpoint2.connections == []

@@ -417,6 +417,7 @@ class AppConnection(Protocol):
         self.headerList: list[tuple[bytes, bytes]] = []
         self.inHead = False
         self.headSize = 0
+        self.headRaw = 0
         self.headStarted = 0.0
         self.headerCall: Any = None
         self.reject: tuple[int, str] | None = None
@@ -515,8 +516,10 @@ class AppConnection(Protocol):
             return
         if self.inHead:
             if wasInHead:
-                self.headSize += len(data)
-            if self.headSize > MAX_HEAD:
+                # Bytes of a head still incomplete (llhttp keeps a partial header
+                # line to itself): bounds memory even for one endless header line.
+                self.headRaw += len(data)
+            if self.headSize > MAX_HEAD or self.headRaw > MAX_HEAD:
                 self._rejectRequest(431, BAD_REQUEST)
                 return
             if self.headerCall is None:
@@ -535,6 +538,7 @@ class AppConnection(Protocol):
         self.headerList = []
         self.headStarted = self.lastActivity
         self.headSize = 0
+        self.headRaw = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
