@@ -8,8 +8,12 @@ match the config.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +144,52 @@ def test_the_build_context_lets_in_what_the_dockerfile_copies():
         if instruction == "COPY" and "--from" not in arguments:
             for source in shlex.split(arguments)[:-1]:
                 assert source.rstrip("/").removeprefix("./") in allowed, source
+
+
+# --- the Dockerfile's build steps, run for real in a fresh venv ------------------------
+
+
+def buildContext(target: Path) -> Path:
+    """A copy of what .dockerignore lets into the build context."""
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        if not line.startswith("!"):
+            continue
+        source = ROOT / line[1:].rstrip("/")
+        destination = target / line[1:].rstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, destination, ignore=shutil.ignore_patterns(
+                "__pycache__", "*.pyc", "dropin.cache"))
+        else:
+            shutil.copy2(source, destination)
+    return target
+
+
+@pytest.mark.slow
+def test_the_dockerfile_build_steps_pass_in_a_fresh_venv(tmp_path):
+    """The build stage's RUN (venv, pip install ., plugin cache, twistd --help), with
+    /opt/ambassador moved to a temporary directory; then the final stage's check of
+    the baked config.  No Docker engine is needed (nor available in CI)."""
+    instructions = dockerfile()
+    stages = [i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM"]
+    build = instructions[stages[0]:stages[1]]
+    [install] = [a for i, a in build if i == "RUN"]
+    prefix = tmp_path / "opt-ambassador"
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    script = (install.replace("/opt/ambassador", str(prefix))
+              .replace("python3.11", version)
+              .replace("python -m venv", f"{shlex.quote(sys.executable)} -m venv", 1))
+    context = buildContext(tmp_path / "context")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    result = subprocess.run(["sh", "-ec", script], cwd=context, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (prefix / "bin" / "pip").exists()
+    final = instructions[stages[1]:]
+    [check] = [a for i, a in final if i == "RUN" and "ambassador check" in a]
+    assert "--config /etc/ambassador/ambassador.toml" in check
+    result = subprocess.run(
+        [prefix / "bin" / "python", "-m", "ambassador", "check", "--config",
+         context / "conf" / "container.toml"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
