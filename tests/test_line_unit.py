@@ -1,0 +1,134 @@
+"""The line route's app and member connections, on a ``task.Clock`` with
+``StringTransport``s: replay on reset, cancellation on timeout, ordering, config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import error as ierror
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from ambassador.config import ConfigError, RetryPolicy, Route, loadConfig
+from ambassador.interfaces import IRouteProtocol
+from ambassador.protocols.line.protocol import LineFactory, lineProtocol
+from ambassador.protocols.line.redis import encode, redisDialect
+from ambassador.resilience.core import RouteCore
+
+
+class FakeEndpoint:
+    """Connects at once to a StringTransport; remembers every protocol it made."""
+
+    def __init__(self) -> None:
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: Any) -> Any:
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+class Records:
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def requestFinished(self, route: str, record: Any) -> None:
+        self.records.append(record)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
+def _route(**kw: Any) -> Route:
+    values: dict[str, Any] = dict(
+        name="cache", protocol="line", listen="tcp:1", upstreams=("tcp:127.0.0.1:9",),
+        timeout=1.0, deadline=10.0, retry=RetryPolicy(attempts=3, backoffBase=0.1, backoffMax=0.1),
+        options={"dialect": "redis"},
+    )
+    values.update(kw)
+    return Route(**values)
+
+
+def _setUp(**kw: Any):  # type: ignore[no-untyped-def]
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    records = Records()
+    core = RouteCore(_route(**kw), clock, lambda upstream: endpoint, [records], random=lambda: 1.0)
+    factory = LineFactory(core.route, core, clock, redisDialect)
+    app = factory.buildProtocol(None)
+    appTransport = StringTransport()
+    app.makeConnection(appTransport)
+    return clock, endpoint, app, appTransport, records
+
+
+def test_connection_lost_replays_reads_and_fails_writes_with_reset() -> None:
+    clock, endpoint, app, appTransport, records = _setUp()
+    app.dataReceived(encode([b"GET", b"a"]) + encode([b"SET", b"b", b"v"]))
+    first = endpoint.protocols[0]
+    assert first.transport.value() == encode([b"GET", b"a"]) + encode([b"SET", b"b", b"v"])
+    first.connectionLost(Failure(ierror.ConnectionLost()))
+    assert appTransport.value() == b""  # the GET answers first, and it is being retried
+    clock.advance(0.1)
+    second = endpoint.protocols[1]
+    assert second.transport.value() == encode([b"GET", b"a"])  # the SET is not replayed
+    second.dataReceived(b"$1\r\nA\r\n")
+    assert appTransport.value() == b"$1\r\nA\r\n-ERR ambassador reset\r\n"
+    assert [(r.result, r.attempts) for r in records.records] == [("ok", 2), ("reset", 1)]
+
+
+def test_timed_out_attempt_closes_its_connection_and_its_late_reply_is_discarded() -> None:
+    clock, endpoint, app, appTransport, _ = _setUp()
+    app.dataReceived(encode([b"GET", b"slow"]))
+    first = endpoint.protocols[0]
+    clock.advance(1.0)  # the attempt's timeout
+    assert first.transport.disconnecting
+    clock.advance(0.1)  # backoff, then the retry on a new connection
+    second = endpoint.protocols[1]
+    assert second.transport.value() == encode([b"GET", b"slow"])
+    first.dataReceived(b"$4\r\nLATE\r\n")
+    second.dataReceived(b"$4\r\nGOOD\r\n")
+    assert appTransport.value() == b"$4\r\nGOOD\r\n"
+
+
+def test_answers_in_request_order_whatever_order_members_answer() -> None:
+    clock, endpoint, app, appTransport, _ = _setUp(
+        upstreams=("tcp:127.0.0.1:1", "tcp:127.0.0.1:2"),
+    )
+    app.dataReceived(encode([b"GET", b"x"]) + encode([b"GET", b"y"]))
+    one, two = endpoint.protocols
+    two.dataReceived(b"$1\r\nY\r\n")
+    assert appTransport.value() == b""
+    one.dataReceived(b"$1\r\nX\r\n")
+    assert appTransport.value() == b"$1\r\nX\r\n$1\r\nY\r\n"
+
+
+def test_one_app_connection_sticks_to_one_member_connection_in_order() -> None:
+    clock, endpoint, app, appTransport, _ = _setUp()
+    app.dataReceived(encode([b"SET", b"k", b"v"]))
+    app.dataReceived(encode([b"GET", b"k"]))
+    (only,) = endpoint.protocols
+    assert only.transport.value() == encode([b"SET", b"k", b"v"]) + encode([b"GET", b"k"])
+
+
+def test_line_protocol_plugin_and_config() -> None:
+    assert verifyObject(IRouteProtocol, lineProtocol)
+    config = loadConfig(None, ["line:redis tcp:6380 tcp:127.0.0.1:6379"])
+    (route,) = config.routes
+    assert (route.protocol, route.options["dialect"]) == ("line", "redis")
+    with pytest.raises(ConfigError, match="unknown dialect 'nope'"):
+        loadConfig(None, ["line:nope tcp:6380 tcp:127.0.0.1:6379"])
+
+
+def test_idempotent_only_for_the_generic_dialect(tmp_path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(
+        '[[route]]\nname = "c"\nprotocol = "line"\ndialect = "redis"\nidempotent = true\n'
+        'listen = "tcp:6380"\nupstreams = ["tcp:127.0.0.1:6379"]\n'
+    )
+    with pytest.raises(ConfigError, match='route "c": key "idempotent"'):
+        loadConfig(str(path))
