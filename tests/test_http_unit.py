@@ -135,11 +135,11 @@ def _route(**overrides):
     return Route(**values)
 
 
-def _app(route=None):
+def _app(route=None, observers=None):
     route = route or _route()
     clock = task.Clock()
     endpoint = FakeMemberEndpoint()
-    core = RouteCore(route, clock, lambda upstream: endpoint)
+    core = RouteCore(route, clock, lambda upstream: endpoint, observers)
     factory = httpProtocol.buildFactory(route, core, clock)
     app = factory.buildProtocol(None)
     transport = StringTransportWithDisconnection()
@@ -246,3 +246,31 @@ def test_a_big_head_in_several_reads_is_fine_under_64k_and_431_over():
         app2.dataReceived(b"b" * 20000)  # one endless header line
     assert transport2.value().startswith(b"HTTP/1.1 431")
     assert endpoint2.connections == []
+
+
+class Records:
+    """An IRouteObserver that keeps the finished requests."""
+
+    def __init__(self):
+        self.records = []
+
+    def requestFinished(self, route, record):
+        self.records.append(record)
+
+    def __getattr__(self, name):
+        return lambda *args: None
+
+
+def test_bytes_in_and_out_are_the_bytes_on_the_wire():
+    observer = Records()
+    app, transport, endpoint, clock, core = _app(observers=[observer])
+    first = b"POST /a?b=1 HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello"
+    second = b"GET /longer/path HTTP/1.1\r\nHost:   app  \r\n\r\n"
+    app.dataReceived(first[:20])
+    app.dataReceived(first[20:-2])
+    app.dataReceived(first[-2:] + second)  # the second request pipelined
+    member = endpoint.connections[0]
+    member.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    member.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert [r.bytesIn for r in observer.records] == [len(first), len(second)]
+    assert sum(r.bytesOut for r in observer.records) == len(transport.value())

@@ -430,6 +430,15 @@ class AppConnection(Protocol):
         self.draining = False
         self.lastActivity = 0.0
         self.idleCall: Any = None
+        # Wire accounting for bytes_in (SPEC §6: what the app sent, heads included):
+        # offsets in the connection's byte stream, known exactly while requests come
+        # one per read or with Content-Length bodies; estimated otherwise.
+        self.wire = 0
+        self.data = b""
+        self.dataStart = 0
+        self.tail = b""
+        self.nextStart: int | None = 0
+        self.messageStart: int | None = None
 
     # --- connection life ---------------------------------------------------------------
 
@@ -502,6 +511,11 @@ class AppConnection(Protocol):
             return
         self.lastActivity = self.clock.seconds()
         wasInHead = self.inHead
+        if not wasInHead and self.parsing is None:
+            self.nextStart = self.wire  # between messages: the next one starts here
+        self.dataStart = self.wire
+        self.data = data
+        self.wire += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -511,6 +525,7 @@ class AppConnection(Protocol):
             status, result = self.reject or (400, BAD_REQUEST)
             self._rejectRequest(status, result)
             return
+        self.tail = data[-3:]
         if self.reject is not None:
             self._rejectRequest(*self.reject)
             return
@@ -539,6 +554,7 @@ class AppConnection(Protocol):
         self.headStarted = self.lastActivity
         self.headSize = 0
         self.headRaw = 0
+        self.messageStart, self.nextStart = self.nextStart, None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -556,7 +572,7 @@ class AppConnection(Protocol):
                 self.headerCall.cancel()
             self.headerCall = None
         parser = self.parser
-        headSize = self.headSize + len(self.url) + 16
+        headSize = self.headSize + 16
         if headSize > MAX_HEAD:
             self.reject = (431, BAD_REQUEST)
             raise httptools.HttpParserError("request head too large")
@@ -596,6 +612,13 @@ class AppConnection(Protocol):
             kept.append((lower, name, value))
         if bodyKind == _CHUNKED:
             contentLength = None
+        wireHead = self._headOnWire()
+        if wireHead is not None:
+            headSize = wireHead
+            if bodyKind == _NO_BODY:
+                self.nextStart = self.messageStart + wireHead  # type: ignore[operator]
+            elif bodyKind == _LENGTH and contentLength is not None and contentLength.isdigit():
+                self.nextStart = self.messageStart + wireHead + int(contentLength)  # type: ignore[operator]
         parts = [method, b" ", self.url, b" HTTP/1.1\r\n"]
         for lower, name, value in kept:
             if tokens and lower in tokens:
@@ -607,6 +630,21 @@ class AppConnection(Protocol):
         )
         self.parsing = exchange
         self.queue.append(exchange)
+
+    def _headOnWire(self) -> int | None:
+        """The exact size of the head just parsed, when its start is known."""
+        start = self.messageStart
+        if start is None:
+            return None
+        offset = start - self.dataStart
+        if offset >= 0:
+            end = self.data.find(b"\r\n\r\n", offset)
+            return None if end < 0 else self.dataStart + end + 4 - start
+        # The head began in an earlier read: it ends at the first blank line here
+        # (the last bytes of the previous read joined on, for a CRLFCRLF split in two).
+        joined = self.tail + self.data
+        end = joined.find(b"\r\n\r\n")
+        return None if end < 0 else self.dataStart - len(self.tail) + end + 4 - start
 
     def on_body(self, body: bytes) -> None:
         parsing = self.parsing
