@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Redis ops/s: direct vs ambassador's ``line:redis`` route vs twemproxy (nutcracker)
+vs HAProxy ``mode tcp``.
+
+Why: twemproxy is what an operator would otherwise put in front of redis to get
+pooling and key hashing; HAProxy's TCP relay parses nothing and is the ceiling a
+protocol-aware proxy approaches.  One run starts one redis-server, each proxy pinned
+to one core with ``taskset`` (redis-server and redis-benchmark on the other cores
+when there are any), and runs ``redis-benchmark -t get,set -c 50`` unpipelined
+(``-P 1``) and pipelined (``-P 16``) against each, printing ops/s and the ratios
+ambassador/twemproxy and ambassador/direct.  The ambassador route runs with
+``access_log = false`` (an access line per redis command is a cost of its own).
+
+Every child process is bounded in time and killed by its pid on the way out.
+Timings are printed, never asserted: this is not a test.
+
+    python bench/redis_ops.py            # ~1 min
+    python bench/redis_ops.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import csv
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitForPort(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def spawn(command: list[str], cpus: str | None, log: Path) -> subprocess.Popen[bytes]:
+    if cpus is not None and shutil.which("taskset"):
+        command = ["taskset", "-c", cpus, *command]
+    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    _children.append(process)
+    return process
+
+
+@atexit.register
+def _killChildren() -> None:
+    for process in _children:
+        if process.poll() is None:
+            process.kill()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def benchmark(port: int, pipeline: int, requests: int, cpus: str | None) -> dict[str, float]:
+    command = ["redis-benchmark", "-p", str(port), "-t", "get,set", "-c", "50",
+               "-n", str(requests), "-P", str(pipeline), "--csv"]
+    if cpus is not None and shutil.which("taskset"):
+        command = ["taskset", "-c", cpus, *command]
+    try:
+        out = subprocess.run(command, capture_output=True, timeout=120, check=False).stdout
+    except subprocess.TimeoutExpired:
+        return {}
+    rows = list(csv.reader(io.StringIO(out.decode(errors="replace"))))
+    return {row[0]: float(row[1]) for row in rows if len(row) > 1 and row[0] in ("SET", "GET")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None:
+        sys.exit("needs redis-server and redis-benchmark (apt-get install redis-server redis-tools)")
+    cores = os.cpu_count() or 1
+    proxyCpu = "0"
+    otherCpus = f"1-{cores - 1}" if cores > 1 else None
+    tmp = Path(tempfile.mkdtemp(prefix="redis-bench-"))
+    redisPort = freePort()
+    spawn(["redis-server", "--port", str(redisPort), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "no"], otherCpus, tmp / "redis.log")
+    waitForPort(redisPort)
+
+    targets: dict[str, int] = {"direct": redisPort}
+
+    ambPort = freePort()
+    (tmp / "ambassador.toml").write_text(
+        f'[[route]]\nname = "bench"\nprotocol = "line"\ndialect = "redis"\n'
+        f'listen = "tcp:{ambPort}"\nupstreams = ["tcp:127.0.0.1:{redisPort}"]\naccess_log = false\n'
+    )
+    spawn([*TWISTD, "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
+           str(tmp / "ambassador.toml")], proxyCpu, tmp / "ambassador.log")
+    waitForPort(ambPort)
+    targets["ambassador"] = ambPort
+
+    if shutil.which("nutcracker"):
+        twemPort, statsPort = freePort(), freePort()
+        (tmp / "nutcracker.yml").write_text(
+            f"bench:\n  listen: 127.0.0.1:{twemPort}\n  hash: fnv1a_64\n  distribution: ketama\n"
+            f"  redis: true\n  server_connections: 1\n  servers:\n   - 127.0.0.1:{redisPort}:1\n"
+        )
+        spawn(["nutcracker", "-c", str(tmp / "nutcracker.yml"), "-s", str(statsPort),
+               "-o", str(tmp / "nutcracker.log")], proxyCpu, tmp / "nutcracker.out")
+        waitForPort(twemPort)
+        targets["twemproxy"] = twemPort
+    else:
+        print("nutcracker not installed (apt-get install nutcracker): skipping twemproxy")
+
+    if shutil.which("haproxy"):
+        haPort = freePort()
+        (tmp / "haproxy.cfg").write_text(
+            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n"
+            "  timeout client 60s\n  timeout server 60s\n"
+            f"frontend f\n  bind 127.0.0.1:{haPort}\n  default_backend b\n"
+            f"backend b\n  server r 127.0.0.1:{redisPort}\n"
+        )
+        spawn(["haproxy", "-f", str(tmp / "haproxy.cfg")], proxyCpu, tmp / "haproxy.log")
+        waitForPort(haPort)
+        targets["haproxy-tcp"] = haPort
+
+    requests = {1: 20000 if args.quick else 100000, 16: 100000 if args.quick else 1000000}
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    for pipeline in (1, 16):
+        for name, port in targets.items():
+            benchmark(port, pipeline, requests[pipeline] // 10, otherCpus)  # warm up
+            results[(name, pipeline)] = benchmark(port, pipeline, requests[pipeline], otherCpus)
+
+    print(f"\nredis-benchmark -t get,set -c 50 ({cores} cores; proxies pinned to cpu {proxyCpu})")
+    print(f"{'target':<14}{'P':>4}{'SET ops/s':>14}{'GET ops/s':>14}")
+    for (name, pipeline), ops in results.items():
+        print(f"{name:<14}{pipeline:>4}{ops.get('SET', 0):>14,.0f}{ops.get('GET', 0):>14,.0f}")
+    print()
+    for pipeline, goal in ((1, 0.3), (16, 0.5)):
+        amb = results.get(("ambassador", pipeline), {})
+        for other in ("twemproxy", "direct", "haproxy-tcp"):
+            ref = results.get((other, pipeline))
+            if not ref:
+                continue
+            ratios = [amb.get(t, 0) / ref[t] for t in ("SET", "GET") if ref.get(t)]
+            text = " ".join(f"{r:.2f}" for r in ratios)
+            extra = f" (goal >= {goal} x twemproxy)" if other == "twemproxy" else ""
+            print(f"P={pipeline:<3} ambassador / {other:<12} SET GET: {text}{extra}")
+
+
+if __name__ == "__main__":
+    main()
