@@ -309,13 +309,13 @@ class MemberConnection(Protocol):
             if lower in _HOP_BY_HOP or lower.startswith(b"proxy-"):
                 if lower == b"transfer-encoding":
                     response.chunked = True
-                elif lower == b"connection":
+                elif lower == b"connection" and value.lower() not in _PLAIN_TOKENS:
                     tokens = connectionTokens([value]) | (tokens or set())
                 continue
             if lower == b"content-length":
                 response.contentLength = value
             lines.append((lower, b"%s: %s\r\n" % (name, value)))
-        if tokens and not tokens <= _PLAIN_TOKENS:
+        if tokens:
             lines = [line for line in lines if line[0] not in tokens]
         response.block = b"".join([line[1] for line in lines])
         response.keepAlive = self.parser.should_keep_alive()

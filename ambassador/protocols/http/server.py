@@ -38,6 +38,9 @@ _SPECIAL = frozenset({
     b"transfer-encoding", b"upgrade", b"proxy-connection", b"expect",
 })
 
+#: Connection options that name no header (the usual values: no filtering needed).
+_PLAIN_TOKENS = frozenset({b"keep-alive", b"close"})
+
 #: Access-log results of requests that never reached the core (no SPEC reason).
 BAD_REQUEST = "bad-request"
 CLIENT_TIMEOUT = "client-timeout"
@@ -600,7 +603,8 @@ class AppConnection(Protocol):
                 elif lower == b"transfer-encoding":
                     bodyKind = _CHUNKED
                 elif lower == b"connection":
-                    tokens = connectionTokens([value]) | (tokens or set())
+                    if value.lower() not in _PLAIN_TOKENS:
+                        tokens = connectionTokens([value]) | (tokens or set())
                 elif lower == b"expect":
                     if value.strip().lower() == b"100-continue":
                         expectContinue = True
