@@ -847,3 +847,25 @@ def test_unix_socket_member_and_listener(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_reader_that_stops_is_closed_after_idle_timeout(amb):
+    # small route: idle_timeout 3 s; back-pressure stalls count as idle (SPEC §4/http)
+    with socket.create_connection(("127.0.0.1", amb.ports["small"]), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        s.sendall(b"GET /big?size=20000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(4.5)  # read nothing: the ambassador's buffers fill, then nothing moves
+        received = 0
+        closed = False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(1 << 20)
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            received += len(chunk)
+        assert closed and received < 20_000_000
