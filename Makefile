@@ -20,7 +20,7 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: install
-	$(BIN)/python bench/tcp_throughput.py
+	$(BIN)/python bench/tcp_throughput.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

@@ -468,7 +468,13 @@ def main(argv: list[str] | None = None) -> int:
 def report(args: argparse.Namespace, results: dict[str, dict[str, list[tuple[float, float]]]],
            workloads: list[str], pin: bool, proxyCpu: int | None, clientCpu: int | None,
            ) -> dict[str, dict[str, float]]:
-    """Print the medians as a Markdown table plus the ratios; return the medians."""
+    """Print the medians as Markdown tables plus the ratios; return the medians.
+
+    Two views: what the path delivered (Gbit/s, round trips/s), which other load on
+    the machine moves a lot, and what it cost the proxy's core (CPU ms per GiB,
+    CPU us per round trip), which moves much less and says how close to its core's
+    limit each proxy would get.
+    """
     from twisted import version as twistedVersion
 
     summary: dict[str, dict[str, float]] = {}
@@ -476,40 +482,50 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[tuple[flo
         summary[name] = {}
         for workload, runs in rows.items():
             summary[name][workload] = statistics.median(v for v, _ in runs)
-            shares = [s for _, s in runs if s == s]
-            if shares:
-                summary[name][workload + " proxy CPU"] = statistics.median(shares)
+            costs = [share / (value if workload == "ping-pong" else value * 1e9 / 8 / 2**30)
+                     for value, share in runs if share == share and value > 0]
+            if costs:
+                summary[name][workload + " proxy CPU"] = statistics.median(s for _, s in runs)
+                # CPU seconds per GiB or per round trip, median over the runs
+                summary[name][workload + " cost"] = statistics.median(costs)
     print()
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, Twisted {twistedVersion.short()}, "
           + (f"proxies on cpu {proxyCpu}, load generators and peer on cpu {clientCpu}" if pin else "not pinned"))
     print(f"# {args.bytes:g} GiB or {args.seconds:g} s per throughput run, ping-pong {args.pingpong_seconds:g} s, "
-          f"median of {args.repeat} interleaved runs; (N%) = proxy CPU; load average {LOAD_AT_START} at start, "
-          f"{loadAverage()} at end")
+          f"median of {args.repeat} interleaved runs; load average {LOAD_AT_START} at start, {loadAverage()} at end")
     print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print()
     header = [f"{w} Gbit/s" if w != "ping-pong" else "ping-pong rt/s" for w in workloads]
-    print("| path | " + " | ".join(header) + " |")
-    print("|---|" + "---:|" * len(header))
+    print("| path | " + " | ".join(header) + " | proxy CPU % (" + ", ".join(workloads) + ") |")
+    print("|---|" + "---:|" * (len(header) + 1))
     for name, row in summary.items():
-        cells = []
-        for w in workloads:
-            value = f"{row[w]:.0f}" if w == "ping-pong" else f"{row[w]:.2f}"
-            cpu = row.get(w + " proxy CPU")
-            cells.append(value + (f" ({100 * cpu:.0f}%)" if cpu is not None else ""))
+        cells = [f"{row[w]:.0f}" if w == "ping-pong" else f"{row[w]:.2f}" for w in workloads]
+        cpus = [row.get(w + " proxy CPU") for w in workloads]
+        cpu = " / ".join(f"{100 * c:.0f}" for c in cpus if c is not None) or "-"
+        print(f"| {name} | " + " | ".join(cells) + f" | {cpu} |")
+    print()
+    costHeader = [f"{w} CPU ms/GiB" if w != "ping-pong" else "ping-pong CPU us/rt" for w in workloads]
+    print("| proxy | " + " | ".join(costHeader) + " |")
+    print("|---|" + "---:|" * len(costHeader))
+    for name, row in summary.items():
+        if workloads[0] + " cost" not in row:
+            continue
+        cells = [f"{row[w + ' cost'] * (1e6 if w == 'ping-pong' else 1e3):.0f}" for w in workloads]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
     amb = summary.get("ambassador")
     if amb:
         for other in summary:
             if other == "ambassador":
                 continue
             ratios = ", ".join(f"{w} {amb[w] / summary[other][w]:.2f}" for w in workloads)
-            line = f"ambassador/{other}: {ratios}"
-            if other != "direct":
-                perCore = ", ".join(
-                    f"{w} {(amb[w] / amb[w + ' proxy CPU']) / (summary[other][w] / summary[other][w + ' proxy CPU']):.2f}"
-                    for w in workloads[:2]
+            line = f"ambassador/{other} throughput: {ratios}"
+            if other != "direct" and amb.get(workloads[0] + " cost") and summary[other].get(workloads[0] + " cost"):
+                efficiency = ", ".join(
+                    f"{w} {summary[other][w + ' cost'] / amb[w + ' cost']:.2f}" for w in workloads
                 )
-                line += f"; per proxy CPU-second: {perCore}"
+                line += f"; per proxy CPU-second: {efficiency}"
             print(line)
     return summary
 
