@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-
 from harness import freePort, waitForPort
 
 
@@ -59,7 +58,7 @@ class Server:
                 self.process.kill()
                 self.process.wait(10)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -96,7 +96,7 @@ def test_timed_out_attempt_closes_its_connection_and_its_late_reply_is_discarded
 
 
 def test_answers_in_request_order_whatever_order_members_answer() -> None:
-    clock, endpoint, app, appTransport, _ = _setUp(
+    _clock, endpoint, app, appTransport, _ = _setUp(
         upstreams=("tcp:127.0.0.1:1", "tcp:127.0.0.1:2"),
     )
     app.dataReceived(encode([b"GET", b"x"]) + encode([b"GET", b"y"]))
@@ -108,7 +108,7 @@ def test_answers_in_request_order_whatever_order_members_answer() -> None:
 
 
 def test_one_app_connection_sticks_to_one_member_connection_in_order() -> None:
-    clock, endpoint, app, appTransport, _ = _setUp()
+    _clock, endpoint, app, _appTransport, _ = _setUp()
     app.dataReceived(encode([b"SET", b"k", b"v"]))
     app.dataReceived(encode([b"GET", b"k"]))
     (only,) = endpoint.protocols

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from harness import Ambassador, freePort
 from redis_peer import RawClient, memcachedServer
 
 pymemcache = pytest.importorskip("pymemcache")
-from pymemcache.client.base import Client  # noqa: E402
+from pymemcache.client.base import Client
 
 
 @pytest.fixture(scope="module")

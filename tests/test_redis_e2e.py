@@ -10,14 +10,13 @@ import threading
 import time
 
 import pytest
-
 from harness import Ambassador, freePort
 from redis_peer import RawClient, redisServer
 
 redis = pytest.importorskip("redis")
 
 
-def _client(port: int) -> "redis.Redis":
+def _client(port: int) -> redis.Redis:
     # RESP2 (SPEC §4/line): redis-py 8 speaks RESP3 unless told otherwise.
     return redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=10)
 
@@ -161,7 +160,7 @@ def test_redis_cli_through_the_route(routed) -> None:
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli is not installed")
     _, listen, amb = routed
-    run = lambda *args: subprocess.run(  # noqa: E731
+    run = lambda *args: subprocess.run(
         ["redis-cli", "-p", str(listen), *args], capture_output=True, timeout=10, check=True,
     ).stdout
     assert run("SET", "cli", "works") == b"OK\n"
@@ -254,7 +253,6 @@ def test_member_killed_mid_load_reads_recover_and_writes_are_never_applied_twice
         after = [x.decode() for x in _client(server.port).lrange("log", 0, -1)]
     finally:
         server.stop()
-    print("OUTCOMES", {k: len(v) for k, v in outcomes.items()}, outcomes["otherWriteErrors"][:3], len(after))
     assert outcomes["readErrors"] == []
     assert outcomes["otherWriteErrors"] == [] or all(
         "connect-failure" in e or "deadline" in e for _, e in outcomes["otherWriteErrors"]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
 from harness import Ambassador, freePort
 from redis_peer import RawClient, redisServer
 
 redis = pytest.importorskip("redis")
 
 
-def _client(port: int) -> "redis.Redis":
+def _client(port: int) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=10)
 
 

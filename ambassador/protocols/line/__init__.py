@@ -40,8 +40,16 @@ class LineRequest:
     """
 
     __slots__ = (
-        "raw", "key", "safe", "kind", "expectsReply", "keys", "error", "localReply", "close",
+        "close",
+        "error",
+        "expectsReply",
         "info",
+        "key",
+        "keys",
+        "kind",
+        "localReply",
+        "raw",
+        "safe",
     )
 
     def __init__(
@@ -61,7 +69,7 @@ class LineRequest:
         self.info = info
 
     @classmethod
-    def failing(cls, reason: str, raw: bytes = b"", close: bool = False) -> "LineRequest":
+    def failing(cls, reason: str, raw: bytes = b"", close: bool = False) -> LineRequest:
         """A request the ambassador answers itself with the error reply for ``reason``."""
         return cls(raw, error=reason, close=close)
 
@@ -77,7 +85,7 @@ class Stream:
     times.  ``buf[pos:]`` plus ``chunks`` is what is left to parse.
     """
 
-    __slots__ = ("buf", "pos", "chunks", "size", "need")
+    __slots__ = ("buf", "chunks", "need", "pos", "size")
 
     def __init__(self) -> None:
         self.buf = b""

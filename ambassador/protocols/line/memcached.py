@@ -14,7 +14,8 @@ everything else is one line.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -89,10 +90,11 @@ class MemcachedRequestParser:
                 else:
                     command = tokens[0]
                     if command in STORAGE or command == b"cas":
-                        request, end = self._storage(buf, tokens, line, end)
-                        if request is None:
+                        stored, end = self._storage(buf, tokens, line, end)
+                        if stored is None:
                             stream.wait(end)
                             break
+                        request = stored
                     elif command == b"ms" and len(tokens) >= 3:
                         # meta set: unsupported, but skip its data block to stay in step
                         dataEnd = end + _number(tokens[2]) + 2

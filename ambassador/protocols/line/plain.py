@@ -8,7 +8,8 @@ route says ``idempotent = true``, and under ``balance = "hash"`` the whole line
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer

@@ -64,9 +64,9 @@ class Batcher:
 class _Slot:
     """One request on one member connection, from queued to answered."""
 
-    __slots__ = ("deferred", "request", "state", "cancelled", "connection")
+    __slots__ = ("cancelled", "connection", "deferred", "request", "state")
 
-    def __init__(self, request: LineRequest, connection: "MemberConnection") -> None:
+    def __init__(self, request: LineRequest, connection: MemberConnection) -> None:
         self.request = request
         self.connection = connection
         self.state = _QUEUED
@@ -80,7 +80,9 @@ class _Slot:
 class MemberConnection(Protocol):
     """One pooled connection to a member."""
 
-    def __init__(self, pool: "Pool", member: Member) -> None:
+    transport: Any
+
+    def __init__(self, pool: Pool, member: Member) -> None:
         self.pool = pool
         self.member = member
         self.parser = pool.dialect.responseParser()

@@ -10,7 +10,8 @@ breaker, budget, balancing); this module only frames, routes and answers.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IReactorTime
@@ -38,7 +39,7 @@ def lineDialects() -> dict[str, Any]:
 
     import twisted.plugins
 
-    return {d.name: d for d in getPlugins(ILineDialect, twisted.plugins)}
+    return {str(d.name): d for d in getPlugins(ILineDialect, twisted.plugins)}
 
 
 def _parseDialect(value: Any) -> str:
@@ -59,8 +60,17 @@ def _parseBool(value: Any) -> bool:
 class _Entry:
     """One request of an app connection, until its answer is written."""
 
-    __slots__ = ("request", "started", "reply", "result", "attempts", "upstream", "parts",
-                 "partsLeft", "failure")
+    __slots__ = (
+        "attempts",
+        "failure",
+        "parts",
+        "partsLeft",
+        "reply",
+        "request",
+        "result",
+        "started",
+        "upstream",
+    )
 
     def __init__(self, request: LineRequest, started: float) -> None:
         self.request = request
@@ -77,10 +87,12 @@ class _Entry:
 class LineAppProtocol(Protocol):
     """One app connection of a line route."""
 
-    def __init__(self, factory: "LineFactory") -> None:
+    transport: Any  # a TCP/UNIX/TLS transport: also a producer (pause/resume)
+
+    def __init__(self, factory: LineFactory) -> None:
         self.factory = factory
         self.core: RouteCore = factory.core
-        self.clock: IReactorTime = factory.clock
+        self.clock: Any = factory.clock
         self.dialect = factory.dialect
         self.queue: deque[_Entry] = deque()
         self.connections: dict[Member, MemberConnection] = {}
@@ -276,7 +288,7 @@ class LineAppProtocol(Protocol):
         close = False
         while queue and queue[0].reply is not None:
             entry = queue.popleft()
-            reply = entry.reply
+            reply: bytes = entry.reply  # type: ignore[assignment]  # the loop checked it
             out.append(reply)
             core.finished(RequestRecord(
                 entry.upstream, entry.attempts, entry.result, now - entry.started,
@@ -316,7 +328,8 @@ class LineFactory(Factory):
 
     def ownerOf(self, key: bytes) -> Any:
         """The member a key belongs to now (hash balance): how multi-key requests split."""
-        return self.core.balancer.pick(self.core.members, (), key)
+        balancer: Any = self.core.balancer
+        return balancer.pick(self.core.members, (), key)
 
     def buildProtocol(self, addr: Any) -> LineAppProtocol:
         return LineAppProtocol(self)

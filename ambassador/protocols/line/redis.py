@@ -8,7 +8,8 @@ replies are framed, not decoded, except where a split command's parts are merged
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
