@@ -177,7 +177,7 @@ def amb(tmp_path_factory, upstream):
     tmp = tmp_path_factory.mktemp("http")
     ports = {name: freePort() for name in (
         "api", "failover", "dead", "breaker", "budget", "timeout", "deadline", "small", "trace",
-        "hostname", "tiny")}
+        "hostname", "tiny", "deadbudget")}
     dead = freePort()
     up = f"tcp:127.0.0.1:{upstream.port}"
     config = f"""
@@ -265,6 +265,16 @@ listen = "tcp:{ports['trace']}"
 upstreams = ["tcp:127.0.0.1:{dead}", "{up}"]
 trace = true
 host_header = "api.example"
+
+[[route]]
+name = "deadbudget"
+protocol = "http"
+listen = "tcp:{ports['deadbudget']}"
+upstreams = ["tcp:127.0.0.1:{dead}"]
+[route.retry]
+attempts = 3
+budget_ratio = 0.0
+budget_min_per_second = 0.1
 
 [[route]]
 name = "tiny"
@@ -594,6 +604,15 @@ def test_sustained_failure_stays_within_the_retry_budget(amb, upstream):
     retries = upstream.hitsOf("/status", "bud") - requests
     assert 0 < retries <= 1 + 0.1 * requests + 1
     assert exhausted > 0
+
+
+def test_budget_exhausted_without_a_response_is_503(amb):
+    # deadbudget route: a refusing member and room for one retry per 10 s window
+    answers = [_get(amb.ports["deadbudget"], "/echo")[0] for _ in range(3)]
+    reasons = [r.getheader("x-ambassador-error") for r in answers]
+    assert reasons[-1] == "budget-exhausted" and answers[-1].status == 503
+    assert answers[-1].getheader("x-ambassador-attempts") == "1"
+    assert all(r.status in (502, 503) for r in answers)
 
 
 def test_overloaded_over_max_connections(amb):
