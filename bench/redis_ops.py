@@ -138,7 +138,7 @@ def main() -> None:
         waitForPort(haPort)
         targets["haproxy-tcp"] = haPort
 
-    requests = {1: 20000 if args.quick else 100000, 16: 100000 if args.quick else 1000000}
+    requests = {1: 10000 if args.quick else 30000, 16: 30000 if args.quick else 100000}
     results: dict[tuple[str, int], dict[str, float]] = {}
     for pipeline in (1, 16):
         for name, port in targets.items():
