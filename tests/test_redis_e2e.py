@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -141,6 +142,16 @@ def test_subscribe_is_unsupported_and_the_connection_still_works(routed) -> None
         assert client.readUntil(lambda b: _complete(b, 1)) == b"-ERR ambassador unsupported\r\n"
     client.send(b"PING\r\n")
     assert client.readUntil(lambda b: _complete(b, 1)) == b"+PONG\r\n"
+    client.close()
+
+
+def test_an_app_that_half_closes_gets_every_answer(routed) -> None:
+    _, listen, _ = routed
+    client = RawClient(listen)
+    client.send(b"PING\r\n" * 50 + b"*2\r\n$4\r\nECHO\r\n$3\r\nend\r\n")
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.closedByPeer()
+    assert client.buffer == b"+PONG\r\n" * 50 + b"$3\r\nend\r\n"
     client.close()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -84,8 +84,13 @@ class _Entry:
         self.failure: str | None = None
 
 
+@implementer(IHalfCloseableProtocol)
 class LineAppProtocol(Protocol):
-    """One app connection of a line route."""
+    """One app connection of a line route.
+
+    Half-closeable: an app that sends its requests and then shuts down its sending
+    side (``nc -N``, a batch job) still gets every answer before the connection closes.
+    """
 
     transport: Any  # a TCP/UNIX/TLS transport: also a producer (pause/resume)
 
@@ -139,6 +144,13 @@ class LineAppProtocol(Protocol):
             self.factory.apps.discard(self)
             self.core.release(self)
             self.factory.appGone()
+
+    def readConnectionLost(self) -> None:
+        """The app sent its last request: answer what it asked, then close."""
+        self.drain()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
     def abort(self) -> None:
         """Close now, dropping whatever is unanswered (drain timeout, idle)."""
