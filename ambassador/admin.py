@@ -24,7 +24,7 @@ log = Logger(namespace="ambassador")
 
 def memberStatus(member: Any) -> dict[str, Any]:
     breaker = member.breaker
-    return {
+    status: dict[str, Any] = {
         "upstream": member.upstream,
         "breaker": breaker.state,  # read first: it computes open -> half-open
         "healthy": member.healthy,
@@ -33,6 +33,11 @@ def memberStatus(member: Any) -> dict[str, Any]:
         "failures": member.failures,
         "breaker_changed_at": breaker.changedAt,
     }
+    if getattr(member, "source", None) is not None:  # found by dns:/srv: discovery
+        status["source"] = member.source
+        status["priority"] = member.priority
+        status["weight"] = member.weight
+    return status
 
 
 def routeStatus(routeService: Any, traces: bool = False) -> dict[str, Any]:
@@ -52,6 +57,10 @@ def routeStatus(routeService: Any, traces: bool = False) -> dict[str, Any]:
         },
         "active_connections": core.activeConnections,
     }
+    discovery = getattr(core, "discovery", None)
+    if discovery:
+        # dns:/srv: upstreams: ok | empty | failed (last good members kept) | pending
+        status["discovery"] = [state.asJSON() for state in discovery.values()]
     if traces:
         status["traces"] = list(core.traces)
     return status

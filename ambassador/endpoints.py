@@ -9,6 +9,7 @@ accept, and nothing binds or connects while checking.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet.endpoints import _parse, clientFromString, serverFromString
@@ -61,10 +62,8 @@ def checkClientEndpoint(description: str) -> None:
     """Raise EndpointError unless the member endpoint string is usable."""
     args, kwargs = _split(description)
     if args[0] in ("dns", "srv"):
-        raise EndpointError(
-            f"{description!r}: {args[0]}: members (DNS discovery) are not available in this "
-            "version yet; use tcp:, tls: or unix: members"
-        )
+        checkDiscoveredMember(description)
+        return
     if args[0] == "tls":
         from ambassador.tls import TLSFileError, checkTLSMemberString
 
@@ -76,6 +75,32 @@ def checkClientEndpoint(description: str) -> None:
         _checkPort(clientFromString(MemoryReactor(), description), 1)
     except Exception as e:
         raise EndpointError(f"{description!r} is not a usable member endpoint: {_reason(e)}") from None
+
+
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def checkDiscoveredMember(description: str) -> tuple[str, str, int | None]:
+    """Parse a ``dns:HOST:PORT`` or ``srv:NAME`` member (SPEC §2).
+
+    @return: ``(kind, name, port)``; port is None for ``srv:`` (each SRV record has one).
+    @raise EndpointError: not that syntax, not a DNS name, or a bad port.
+    """
+    kind, _, rest = description.partition(":")
+    if kind == "dns":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host:
+            raise EndpointError(f"{description!r} is not dns:HOST:PORT")
+        if not _DNS_NAME.match(host):
+            raise EndpointError(f"{description!r}: {host!r} is not a DNS name")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise EndpointError(f"{description!r}: port {port!r} is not between 1 and 65535")
+        return kind, host, int(port)
+    if kind == "srv":
+        if not rest or not _DNS_NAME.match(rest):
+            raise EndpointError(f"{description!r} is not srv:NAME (e.g. srv:_redis._tcp.cache.internal)")
+        return kind, rest, None
+    raise EndpointError(f"{description!r} is not a dns: or srv: member")
 
 
 def memberHost(description: str) -> str | None:

@@ -127,6 +127,9 @@ def carryMembers(oldCore: Any, newCore: Any) -> list[str]:
             members.append(kept)
             carried.append(kept.upstream)
         newCore.members[:] = members
+        adopt = getattr(newCore, "adoptDiscovered", None)
+        if adopt is not None:  # dns:/srv: members found so far, till DNS answers anew
+            carried += adopt(oldCore)
     budget = oldCore.budget
     budget.ratio = newCore.route.retry.budgetRatio
     budget.minPerSecond = newCore.route.retry.budgetMinPerSecond

@@ -11,8 +11,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from ambassador.config import Config, Route
-from ambassador.resilience.core import RouteCore
+from ambassador.config import Config, DNSConfig, Route
+from ambassador.discovery import endpointString
+from ambassador.resilience.core import RouteCore, isDiscovered
 from ambassador.upstream import memberEndpoint
 
 log = Logger(namespace="ambassador")
@@ -30,9 +31,14 @@ class RouteService(Service):
         self.name = route.name
         self.reactor = reactor
         self.core = RouteCore(
-            route, reactor, lambda upstream: memberEndpoint(reactor, upstream, route.tls, route=route.name),
+            route, reactor,
+            lambda upstream, hostName=None: memberEndpoint(
+                reactor, endpointString(upstream), route.tls, route=route.name, hostName=hostName),
             observers,
         )
+        #: DNS discovery and active health checks (children started with the route).
+        self.discovery: Any = None
+        self.health: Any = None
         self.factory = plugin.buildFactory(route, self.core, reactor)
         # The port listens with a switch, so that a reload can hand the same listening
         # socket to a changed route's new factory (ambassador.reload).
@@ -54,6 +60,23 @@ class RouteService(Service):
                 f"{failures[0].getErrorMessage()}"
             )
 
+    def startService(self) -> None:
+        """Start discovery (``dns:``/``srv:`` upstreams) and health checks
+        (``[route.health]``); the resolver is the ambassador's (``[dns]``), one for all
+        routes."""
+        Service.startService(self)
+        from ambassador.discovery import Discovery
+        from ambassador.health import HealthChecks
+
+        if self.discovery is None and any(isDiscovered(u) for u in self.route.upstreams):
+            self.discovery = Discovery(self.core, resolverOf(self.parent, self.reactor),
+                                       self.reactor, _dnsConfig(self.parent).refresh)
+        if self.health is None and self.route.health is not None:
+            self.health = HealthChecks(self.core, self.route, self.reactor)
+        for child in (self.discovery, self.health):
+            if child is not None and not child.running:
+                child.startService()
+
     def _listening(self, port: Any) -> None:
         self.port = port
         self.listening = True
@@ -65,6 +88,9 @@ class RouteService(Service):
         """Stop accepting, give work in flight ``drain_timeout``, then close the rest."""
         Service.stopService(self)
         self.listening = False
+        for child in (self.discovery, self.health):
+            if child is not None and child.running:
+                child.stopService()
         stopped: Deferred[Any] = succeed(None)
         if self.port is not None:
             stopped = Deferred.fromCoroutine(_wait(self.port.stopListening()))
@@ -95,6 +121,24 @@ class RouteService(Service):
 
         check()
         return done
+
+
+def _dnsConfig(ambassador: Any) -> DNSConfig:
+    config = getattr(ambassador, "config", None)
+    return config.dns if config is not None else DNSConfig()
+
+
+def resolverOf(ambassador: Any, reactor: Any) -> Any:
+    """The process's one discovery resolver, built on first use from ``[dns]`` (a
+    ``[dns]`` change takes effect after a restart, like the admin endpoint)."""
+    from ambassador.discovery import makeResolver
+
+    resolver = getattr(ambassador, "resolver", None)
+    if resolver is None:
+        resolver = makeResolver(_dnsConfig(ambassador), reactor)
+        if ambassador is not None:
+            ambassador.resolver = resolver
+    return resolver
 
 
 class SwitchFactory(Factory):
@@ -145,6 +189,8 @@ class AmbassadorService(MultiService):
         self.observers: list[Any] = []
         self.logObserver = logObserver
         self.routes: dict[str, RouteService] = {}
+        #: The DNS resolver of discovery (ambassador.service.resolverOf), built on use.
+        self.resolver: Any = None
         # Metrics read the routes when scraped (they change on reload): pass a view.
         from ambassador.metrics import Metrics
 

@@ -9,6 +9,7 @@ never re-implements any of that.
 
 from __future__ import annotations
 
+import math
 import random as _random
 from collections import deque
 from typing import Any, Callable, Collection
@@ -31,6 +32,42 @@ accessLog = Logger(namespace="ambassador.access")
 
 #: How many trace values a route keeps for ``/status?route=NAME`` (SPEC §6).
 TRACES = 20
+
+#: Member prefixes found by DNS (ambassador.discovery) rather than connected to.
+DISCOVERED = ("dns", "srv")
+
+
+def isDiscovered(upstream: str) -> bool:
+    """Is this configured upstream a ``dns:``/``srv:`` name whose members are found later?"""
+    return upstream.split(":", 1)[0] in DISCOVERED
+
+
+def weightedOrder(members: list[Member]) -> list[Member]:
+    """Members repeated in proportion to their weights, interleaved (nginx's smooth
+    weighted round robin), so that round_robin, random and least_request, picking
+    from this list, give each member its weight's share (SPEC §2 ``srv:``).
+
+    Weights are scaled to about 100 slots; a weight of 0 (RFC 2782: "a very small
+    chance") keeps one slot.
+    """
+    weights = [m.weight for m in members]
+    if len(set(weights)) <= 1:
+        return list(members)
+    total = sum(weights)
+    scale = min(1.0, 100.0 / total)
+    counts = [max(1, round(w * scale)) for w in weights]
+    divisor = math.gcd(*counts)
+    counts = [c // divisor for c in counts]
+    slots = sum(counts)
+    current = [0] * len(members)
+    order: list[Member] = []
+    for _ in range(slots):
+        for i, count in enumerate(counts):
+            current[i] += count
+        best = max(range(len(members)), key=current.__getitem__)
+        current[best] -= slots
+        order.append(members[best])
+    return order
 
 
 class Outcome:
@@ -115,7 +152,15 @@ class RouteCore:
         self.balancer = BALANCERS[route.balance]()
         self.budget = RetryBudget(clock, route.retry.budgetRatio, route.retry.budgetMinPerSecond)
         self.members: list[Member] = []
+        self.endpointFor = endpointFor
+        #: Priority -> the weighted pick list of that priority's members; None while
+        #: every member has priority 0 and weight 1 (the plain, fast case).
+        self.tiers: dict[int, list[Member]] | None = None
+        #: ``dns:``/``srv:`` upstream -> its discovery state (ambassador.discovery).
+        self.discovery: dict[str, Any] = {}
         for upstream in route.upstreams:
+            if isDiscovered(upstream):
+                continue  # its members come from ambassador.discovery
             self.addMember(upstream, endpointFor(upstream))
         self.activeConnections = 0
         self.connections: set[Any] = set()
@@ -143,6 +188,77 @@ class RouteCore:
     @property
     def hasUsableMember(self) -> bool:
         return any(m.usable for m in self.members)
+
+    # --- discovered members -----------------------------------------------------------
+
+    def setDiscovered(
+        self, source: str, found: list[tuple[str, str | None, int, int]],
+    ) -> tuple[list[Member], list[Member]]:
+        """Make ``found`` the members of ``source`` (a ``dns:``/``srv:`` upstream).
+
+        Requests under way are untouched: members that stayed keep their breaker,
+        counters and pooled connections; new ones join the balancer; vanished ones
+        leave it (no new attempt) and are marked ``retired`` for the pools.
+
+        @param found: ``(upstream, hostName, priority, weight)`` per member, the
+            upstream being ``tcp:ADDRESS:PORT`` (the metrics label, SPEC §6).
+        @return: the members added and the members removed.
+        """
+        current = {m.upstream: m for m in self.members if m.source == source}
+        added: list[Member] = []
+        for upstream, hostName, priority, weight in found:
+            member = current.pop(upstream, None)
+            if member is None:
+                member = self.addMember(upstream, self.endpointFor(upstream, hostName))
+                member.source = source
+                member.hostName = hostName
+                added.append(member)
+            member.priority = priority
+            member.weight = weight
+        removed = list(current.values())
+        for member in removed:
+            self.members.remove(member)
+            member.retired = True
+        self.rebalance()
+        return added, removed
+
+    def adoptDiscovered(self, old: "RouteCore") -> list[str]:
+        """On reload: take over ``old``'s discovered members (and discovery state) of
+        the ``dns:``/``srv:`` upstreams this route still has, so the new settings do
+        not start with no member while DNS is asked again."""
+        sources = {u for u in self.route.upstreams if isDiscovered(u)}
+        kept = [m for m in old.members if m.source in sources]
+        self.members.extend(kept)
+        for source in sources:
+            if source in old.discovery:
+                self.discovery[source] = old.discovery[source]
+        self.rebalance()
+        return [m.upstream for m in kept]
+
+    def rebalance(self) -> None:
+        """Recompute the priority tiers after the member set or weights changed."""
+        if all(m.priority == 0 and m.weight == 1 for m in self.members):
+            self.tiers = None
+            return
+        byPriority: dict[int, list[Member]] = {}
+        for member in self.members:
+            byPriority.setdefault(member.priority, []).append(member)
+        weighted = self.route.balance != "hash"  # a ring spreads keys, not weights
+        self.tiers = {
+            priority: weightedOrder(members) if weighted else members
+            for priority, members in sorted(byPriority.items())
+        }
+
+    def candidates(self) -> list[Member]:
+        """What the balancer picks from: every member, or (``srv:`` priorities and
+        weights) the weighted members of the lowest priority with a usable member."""
+        tiers = self.tiers
+        if tiers is None:
+            return self.members
+        for members in tiers.values():
+            if any(m.usable for m in members):
+                return members
+        return self.members
 
     # --- requests ---------------------------------------------------------------------
 
@@ -250,7 +366,7 @@ class _Request:
     def _next(self) -> None:
         self.sleeper = None
         core = self.core
-        member = core.balancer.pick(core.members, self.tried, self.key)
+        member = core.balancer.pick(core.candidates(), self.tried, self.key)
         if member is None or not member.breaker.acquire():
             if self.lastFailure is not None:
                 self._stop(self.lastFailure)

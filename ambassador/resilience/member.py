@@ -18,9 +18,15 @@ class Member:
     @ivar upstream: the endpoint string as configured (the metrics label).
     @ivar healthy: the verdict of active health checks (True before the first check).
     @ivar inFlight: attempts under way now (for least_request and /status).
+    @ivar source: the ``dns:``/``srv:`` upstream that found this member (None: configured).
+    @ivar hostName: the DNS name behind a discovered member (TLS, Host headers).
+    @ivar priority: lower gets the traffic first (``srv:``; 0 for every other member).
+    @ivar weight: share of traffic within its priority (``srv:``; 1 for every other).
+    @ivar retired: discovery no longer finds it: no new attempts, pools may close it.
     """
 
-    __slots__ = ("upstream", "endpoint", "breaker", "healthy", "inFlight", "attempts", "failures")
+    __slots__ = ("upstream", "endpoint", "breaker", "healthy", "inFlight", "attempts", "failures",
+                 "source", "hostName", "priority", "weight", "retired")
 
     def __init__(self, upstream: str, endpoint: IStreamClientEndpoint, breaker: Breaker) -> None:
         self.upstream = upstream
@@ -30,6 +36,11 @@ class Member:
         self.inFlight = 0
         self.attempts = 0
         self.failures = 0
+        self.source: str | None = None
+        self.hostName: str | None = None
+        self.priority = 0
+        self.weight = 1
+        self.retired = False
 
     @property
     def usable(self) -> bool:
