@@ -76,13 +76,22 @@ class SourceState:
     resolvedAt: float | None = None  # Unix time of the last answer (good or empty)
     failedAt: float | None = None
     ttl: float | None = None
+    servers: tuple[str, ...] = ()  # who is asked: HOST:PORT each, or "system"
 
     def asJSON(self) -> dict[str, Any]:
         return {
             "upstream": self.source, "state": self.state, "members": list(self.members),
             "error": self.error, "resolved_at": self.resolvedAt, "failed_at": self.failedAt,
-            "ttl": self.ttl,
+            "ttl": self.ttl, "servers": list(self.servers),
         }
+
+
+def resolverServers(resolver: Any) -> tuple[str, ...]:
+    """The servers a resolver built by ``makeResolver`` asks (for ``/status``)."""
+    if not hasattr(resolver, "servers"):
+        return ("system",)  # /etc/hosts, then resolv.conf's servers
+    servers = list(resolver.servers) + list(getattr(resolver, "dynServers", ()) or ())
+    return tuple(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in servers)
 
 
 def memberString(address: str, port: int) -> tuple[str, str]:
@@ -118,8 +127,9 @@ class Discovery(Service):
         self.sources = [u for u in core.route.upstreams if isDiscovered(u)]
         self.timers: dict[str, IDelayedCall] = {}
         self.pending: dict[str, Deferred[Any]] = {}
+        servers = resolverServers(resolver)
         for source in self.sources:
-            core.discovery.setdefault(source, SourceState(source))
+            core.discovery.setdefault(source, SourceState(source)).servers = servers
 
     def startService(self) -> None:
         Service.startService(self)
