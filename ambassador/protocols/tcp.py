@@ -55,7 +55,8 @@ def _socketFor(transport: Any) -> Any:
     """
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return None
-    for name in ("dataBuffer", "_tempDataLen", "_aborting", "disconnecting", "_writeDisconnecting"):
+    for name in ("dataBuffer", "offset", "_tempDataLen", "_aborting", "disconnecting", "_writeDisconnecting",
+                 "_maybePauseProducer"):
         if not hasattr(transport, name):
             return None
     return transport.socket
@@ -86,7 +87,14 @@ def _relay(transport: Any, sock: Any, data: bytes) -> None:
             sent = 0  # EAGAIN, or an error the transport's own write path will report
         if sent == len(data):
             return
-        data = data[sent:]
+        if sent:
+            # Queue the unsent tail the way doWrite keeps a partly sent buffer
+            # (dataBuffer + offset): no copy of up to READ_SIZE bytes per partial send.
+            transport.dataBuffer = data
+            transport.offset = sent
+            transport._maybePauseProducer()
+            transport.startWriting()
+            return
     transport.write(data)
 
 
@@ -198,6 +206,11 @@ class _AppSide(Protocol):
         self.memberTransport = member.transport
         self.appSocket = _socketFor(self.transport)
         self.memberSocket = _socketFor(member.transport)
+        for transport, sock in ((self.transport, self.appSocket), (member.transport, self.memberSocket)):
+            if sock is not None:
+                # Twisted sends at most 128 KiB per writable event (for Windows, says
+                # abstract.py); a queued READ_SIZE tail would take 8 reactor iterations.
+                transport.SEND_LIMIT = READ_SIZE  # type: ignore[attr-defined]
         _noDelay(self.transport)
         _noDelay(member.transport)
         self.transport.registerProducer(member.transport, True)  # type: ignore[attr-defined]
