@@ -333,6 +333,13 @@ class Reloader(Service):
         # Everything is bound: from here on nothing fails.
         for old, new in takeovers:
             self._takeOver(old, new)
+        # Listeners that go away are closed before the reload reports itself done
+        # (stopListening closes the socket on the reactor's next turn, not at once).
+        for old in leaving:
+            if old.port is not None:
+                port, old.port = old.port, None
+                old.listening = False
+                await _maybe(port.stopListening())
         for name in plan.removed:
             self._retire(routes.pop(name), "removed")
         for old, _ in plan.rebound:
@@ -369,6 +376,7 @@ class Reloader(Service):
         log.info("route {route} (changed): {n} open connections stay on the old settings "
                  "until they close", route=old.route.name, n=old.core.activeConnections)
         factory.doStop()
+        old.stopChecks()  # the new route resolves and health-checks the members now
         done: Deferred[None] = Deferred()
         self.superseded[old] = done
 

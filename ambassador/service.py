@@ -40,6 +40,7 @@ class RouteService(Service):
         self.discovery: Any = None
         self.health: Any = None
         self.factory = plugin.buildFactory(route, self.core, reactor)
+        self.core.retiredHooks.append(self._memberRetired)
         # The port listens with a switch, so that a reload can hand the same listening
         # socket to a changed route's new factory (ambassador.reload).
         self.switch = SwitchFactory(self.factory)
@@ -60,6 +61,14 @@ class RouteService(Service):
                 f"{failures[0].getErrorMessage()}"
             )
 
+    def _memberRetired(self, member: Any) -> None:
+        """Discovery dropped ``member``: a protocol that pools member connections
+        closes them once idle, if its factory offers ``memberRetired(member)``
+        (without it, they close on the pool's own idle_timeout sweep)."""
+        retire = getattr(self.factory, "memberRetired", None)
+        if retire is not None:
+            retire(member)
+
     def startService(self) -> None:
         """Start discovery (``dns:``/``srv:`` upstreams) and health checks
         (``[route.health]``); the resolver is the ambassador's (``[dns]``), one for all
@@ -77,6 +86,13 @@ class RouteService(Service):
             if child is not None and not child.running:
                 child.startService()
 
+    def stopChecks(self) -> None:
+        """Stop discovery and health checks: the route stopped, or a reload handed
+        its members to a new route (which resolves and checks them from now on)."""
+        for child in (self.discovery, self.health):
+            if child is not None and child.running:
+                child.stopService()
+
     def _listening(self, port: Any) -> None:
         self.port = port
         self.listening = True
@@ -88,9 +104,7 @@ class RouteService(Service):
         """Stop accepting, give work in flight ``drain_timeout``, then close the rest."""
         Service.stopService(self)
         self.listening = False
-        for child in (self.discovery, self.health):
-            if child is not None and child.running:
-                child.stopService()
+        self.stopChecks()
         stopped: Deferred[Any] = succeed(None)
         if self.port is not None:
             stopped = Deferred.fromCoroutine(_wait(self.port.stopListening()))

@@ -106,6 +106,8 @@ def test_asked_again_on_the_ttl_and_a_vanished_record_leaves_while_the_others_ke
     clock, resolver = Clock(), FakeResolver()
     resolver.records["svc.test"] = [a("svc.test", f"10.0.0.{i}", ttl=3) for i in (1, 2, 3)]
     core = makeCore(("dns:svc.test:80",), clock=clock)
+    retired: list[Any] = []
+    core.retiredHooks.append(retired.append)
     started(core, resolver, clock)
     first, second, third = core.members
     for _ in range(5):
@@ -118,6 +120,7 @@ def test_asked_again_on_the_ttl_and_a_vanished_record_leaves_while_the_others_ke
     clock.advance(0.2)
     assert len(resolver.asked) == asked + 2  # A and AAAA
     assert core.members == [second, third]  # the same objects: breaker state kept
+    assert retired == [first]  # the protocol is told, to close its pooled connections
     assert second.breaker.state == "open"
     assert first.retired and not second.retired
 

@@ -158,6 +158,9 @@ class RouteCore:
         self.tiers: dict[int, list[Member]] | None = None
         #: ``dns:``/``srv:`` upstream -> its discovery state (ambassador.discovery).
         self.discovery: dict[str, Any] = {}
+        #: Called with each member discovery drops (after it left ``members``): the
+        #: protocol closes that member's pooled connections once they are idle.
+        self.retiredHooks: list[Callable[[Member], None]] = []
         for upstream in route.upstreams:
             if isDiscovered(upstream):
                 continue  # its members come from ambassador.discovery
@@ -220,6 +223,13 @@ class RouteCore:
             self.members.remove(member)
             member.retired = True
         self.rebalance()
+        for member in removed:
+            for hook in self.retiredHooks:
+                try:
+                    hook(member)
+                except Exception:
+                    log.failure("route {route}: closing the connections of retired {upstream}",
+                                route=self.name, upstream=member.upstream)
         return added, removed
 
     def adoptDiscovered(self, old: "RouteCore") -> list[str]:
