@@ -75,7 +75,7 @@ def test_a_request_slower_than_drain_timeout_is_closed_and_the_process_exits_by_
         amb.signal(signal.SIGTERM)
         assert amb.wait(20) == 0
         # the bound: drain_timeout plus the drain's polling and twistd's own shutdown
-        assert time.monotonic() - signalled < 1.0 + 3.0
+        assert time.monotonic() - signalled < 1.0 + 5.0
         inFlight.join(5)
         assert results == [b""], "the connection was not closed at the drain bound"
     finally:
@@ -138,7 +138,7 @@ def test_sigterm_drains_connections_left_on_a_changed_route_old_settings_by_the_
             signalled = time.monotonic()
             amb.signal(signal.SIGTERM)
             assert amb.wait(20) == 0
-            assert time.monotonic() - signalled < 1.0 + 3.0
+            assert time.monotonic() - signalled < 1.0 + 5.0
             try:
                 assert c.recv(100) == b""
             except ConnectionResetError:
