@@ -28,7 +28,6 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.names import dns, error
 from twisted.python.failure import Failure
@@ -53,7 +52,7 @@ def makeResolver(dnsConfig: Any, reactor: Any) -> Any:
 
     @param dnsConfig: ``ambassador.config.DNSConfig``.
     """
-    from twisted.names import client
+    from twisted.names import cache, client, hosts, resolve
 
     if dnsConfig.servers:
         # resolv=None: no resolv.conf is read, so these are the only servers asked
@@ -62,7 +61,12 @@ def makeResolver(dnsConfig: Any, reactor: Any) -> Any:
             resolv=None, servers=[tuple(s) for s in dnsConfig.servers],
             timeout=QUERY_TIMEOUT, reactor=reactor,
         )
-    return client.createResolver(reactor=reactor)
+    # client.createResolver() would do, but on the global reactor: the same chain here.
+    return resolve.ResolverChain([
+        hosts.Resolver(b"/etc/hosts"),
+        cache.CacheResolver(reactor=reactor),
+        client.Resolver(resolv=b"/etc/resolv.conf", timeout=QUERY_TIMEOUT, reactor=reactor),
+    ])
 
 
 @attrs.define
@@ -125,7 +129,7 @@ class Discovery(Service):
         self.clock = clock
         self.refresh = refresh
         self.sources = [u for u in core.route.upstreams if isDiscovered(u)]
-        self.timers: dict[str, IDelayedCall] = {}
+        self.timers: dict[str, Any] = {}  # IDelayedCall
         self.pending: dict[str, Deferred[Any]] = {}
         servers = resolverServers(resolver)
         for source in self.sources:
@@ -220,7 +224,7 @@ class Discovery(Service):
         d = self.resolver.lookupService(name)
 
         def targets(result: Any) -> Any:
-            answers, authority, additional = result
+            answers, _authority, additional = result
             srvs = [r for r in answers if r.type == dns.SRV and str(r.payload.target) != "."]
             ttl = min((r.ttl for r in answers if r.type == dns.SRV), default=None)
             known: dict[str, list[str]] = {}
@@ -304,7 +308,7 @@ def _ipv6(record: Any) -> str:
     return socket.inet_ntop(socket.AF_INET6, record.payload.address)
 
 
-def _unique(found: list[tuple[str, str | None, int, int]]) -> list[tuple[str, str | None, int, int]]:
+def _unique(found: list[Any]) -> list[tuple[str, str | None, int, int]]:
     seen: set[str] = set()
     unique = []
     for entry in found:

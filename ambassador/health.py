@@ -21,7 +21,8 @@ new connection would see.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -47,7 +48,8 @@ class _Probe(Protocol):
         self.request = request
         self.verdict = verdict
         self.buffer = b""
-        self.done: Deferred[None] = Deferred(lambda d: self._abort())
+        self.done: Deferred[None] = Deferred(lambda _: self._abort())
+        self.transport: Any = None
 
     def connectionMade(self) -> None:
         if self.request:
@@ -221,7 +223,8 @@ class _OneProbe(Factory):
 
 
 def _why(failure: Failure) -> str:
-    from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
 
     if failure.check(DeferredTimeout, CancelledError):
         return "timeout"

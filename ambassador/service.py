@@ -30,12 +30,13 @@ class RouteService(Service):
         self.route = route
         self.name = route.name
         self.reactor = reactor
-        self.core = RouteCore(
-            route, reactor,
-            lambda upstream, hostName=None: memberEndpoint(
-                reactor, endpointString(upstream), route.tls, route=route.name, hostName=hostName),
-            observers,
-        )
+
+        def endpointFor(upstream: str, hostName: str | None = None) -> Any:
+            # hostName: the DNS name behind a dns:/srv: member, to verify with TLS
+            return memberEndpoint(reactor, endpointString(upstream), route.tls,
+                                  route=route.name, hostName=hostName)
+
+        self.core = RouteCore(route, reactor, endpointFor, observers)
         #: DNS discovery and active health checks (children started with the route).
         self.discovery: Any = None
         self.health: Any = None

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,7 +43,7 @@ class DNSPeer:
         self.start()
 
     def start(self) -> None:
-        self.logFile = open(self.tmp / "dnspeer.out", "ab")
+        self.logFile = open(self.tmp / "dnspeer.out", "ab")  # noqa: SIM115 - the child's stdout while it runs
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "dnspeer.py"), str(self.port), str(self.zonePath),
              str(self.queryLog)],
@@ -77,7 +77,7 @@ class DNSPeer:
         self.process = None
         self.logFile.close()
 
-    def __enter__(self) -> "DNSPeer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,6 +8,7 @@ through the tcp route says which member served it.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -17,7 +18,6 @@ from collections import Counter
 from typing import Any
 
 import pytest
-
 from dnspeer import DNSPeer
 from harness import Ambassador, freePort
 
@@ -115,7 +115,7 @@ def members():
 
 
 def test_dns_members_spread_follow_the_records_and_survive_a_dead_dns_server(tmp_path, members):
-    port, servers = members
+    port, _servers = members
     zone = {"svc.test": {"ttl": 1, "A": ["127.0.0.1", "127.0.0.2", "127.0.0.3"]}}
     listen, admin = freePort(), freePort()
     with DNSPeer(tmp_path, zone) as dnsPeer, Ambassador(
@@ -301,3 +301,23 @@ upstreams = ["dns:later.test:{port}"]
             assert readyCode(admin) == 200
     finally:
         member.stop()
+
+
+def test_reload_keeps_the_discovered_members(tmp_path, members):
+    port, _servers = members
+    zone = {"svc.test": {"ttl": 30, "A": ["127.0.0.1", "127.0.0.2"]}}
+    listen = freePort()
+    with DNSPeer(tmp_path, zone) as dnsPeer:
+        text = config(dnsPeer.port, listen, f"dns:svc.test:{port}")
+        with Ambassador(tmp_path, config=text) as amb:
+            amb.waitForLog(rf"dns:svc.test:{port} -> ")
+            assert {ask(listen) for _ in range(4)} == {"127.0.0.1", "127.0.0.2"}
+            # A changed setting: the new route starts with the members found so far.
+            dnsPeer.stop()  # and it could not find them again now
+            assert amb.configPath is not None
+            amb.configPath.write_text(text.replace('name = "svc"', 'name = "svc"\nconnect_timeout = "1s"'))
+            amb.signal(signal.SIGHUP)
+            amb.waitForLog(r"reload: done")
+            assert (f"members kept with their breaker state: tcp:127.0.0.1:{port} "
+                    f"tcp:127.0.0.2:{port}") in amb.log()
+            assert {ask(listen) for _ in range(4)} == {"127.0.0.1", "127.0.0.2"}

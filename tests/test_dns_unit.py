@@ -283,3 +283,17 @@ def test_dns_and_srv_members_are_accepted(good):
 def test_malformed_dns_and_srv_members_are_refused(bad):
     with pytest.raises(EndpointError):
         checkClientEndpoint(bad)
+
+
+def test_without_servers_it_is_the_systems_hosts_file_then_resolv_conf_on_our_reactor():
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.names import client, hosts
+
+    from ambassador.discovery import resolverServers
+
+    reactor = MemoryReactorClock()
+    resolver = makeResolver(DNSConfig(), reactor)
+    kinds = [type(r) for r in resolver.resolvers]
+    assert kinds[0] is hosts.Resolver and kinds[-1] is client.Resolver
+    assert resolver.resolvers[-1]._reactor is reactor
+    assert resolverServers(resolver) == ("system",)

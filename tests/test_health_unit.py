@@ -61,7 +61,7 @@ def checked(protocol: str, endpoints: list[ScriptedEndpoint], options: dict[str,
 def test_http_member_answering_500_turns_unhealthy_after_the_threshold_and_back():
     bad = ScriptedEndpoint(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
     good = ScriptedEndpoint(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-    core, checks, clock = checked("http", [bad, good], unhealthyThreshold=2, healthyThreshold=2)
+    core, _checks, clock = checked("http", [bad, good], unhealthyThreshold=2, healthyThreshold=2)
     badMember, goodMember = core.members
     assert badMember.healthy  # one failure is not enough
     assert bad.sent[0].startswith(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -80,7 +80,7 @@ def test_http_member_answering_500_turns_unhealthy_after_the_threshold_and_back(
 
 def test_http_path_and_expected_status_come_from_the_policy():
     endpoint = ScriptedEndpoint(b"HTTP/1.1 204 No Content\r\n\r\n")
-    core, checks, clock = checked("http", [endpoint], path="/ping", expectStatus=204,
+    core, _checks, clock = checked("http", [endpoint], path="/ping", expectStatus=204,
                                   unhealthyThreshold=1)
     assert endpoint.sent[0].startswith(b"GET /ping HTTP/1.1\r\n")
     clock.advance(5)
@@ -98,7 +98,7 @@ def test_a_check_that_gets_no_answer_within_timeout_fails():
 
 def test_tcp_check_is_a_connection():
     endpoint = ScriptedEndpoint()
-    core, checks, clock = checked("tcp", [endpoint], unhealthyThreshold=1, healthyThreshold=1)
+    core, _checks, clock = checked("tcp", [endpoint], unhealthyThreshold=1, healthyThreshold=1)
     assert endpoint.sent == [b""] and endpoint.transports[0].disconnecting
     assert core.members[0].healthy
     endpoint.refuse = True
@@ -111,11 +111,11 @@ def test_tcp_check_is_a_connection():
 
 def test_redis_ping_and_memcached_version():
     redis = ScriptedEndpoint(b"-ERR loading\r\n")
-    core, _, clock = checked("line", [redis], {"dialect": "redis"}, unhealthyThreshold=1)
+    core, _, _ = checked("line", [redis], {"dialect": "redis"}, unhealthyThreshold=1)
     assert redis.sent[0] == b"*1\r\n$4\r\nPING\r\n"
     assert not core.members[0].healthy
     memcached = ScriptedEndpoint(b"VERSION 1.6.21\r\n")
-    core, _, clock = checked("line", [memcached], {"dialect": "memcached"}, unhealthyThreshold=1)
+    core, _, _clock = checked("line", [memcached], {"dialect": "memcached"}, unhealthyThreshold=1)
     assert memcached.sent[0] == b"version\r\n"
     assert core.members[0].healthy
 

@@ -133,14 +133,15 @@ class RouteCore:
     """Members, balancer, breakers, budget and policies of one route.
 
     @param route: the route's ``ambassador.config.Route``.
-    @param endpointFor: builds a member's client endpoint from its endpoint string.
+    @param endpointFor: builds a member's client endpoint from its endpoint string
+        (and, for a discovered member, its DNS name: ``endpointFor(upstream, hostName)``).
     """
 
     def __init__(
         self,
         route: Any,
         clock: IReactorTime,
-        endpointFor: Callable[[str], Any],
+        endpointFor: Callable[..., Any],
         observers: list[Any] | None = None,
         random: Callable[[], float] = _random.random,
     ) -> None:
@@ -227,12 +228,12 @@ class RouteCore:
             for hook in self.retiredHooks:
                 try:
                     hook(member)
-                except Exception:
+                except Exception:  # noqa: BLE001 - one protocol's bug must not stop discovery
                     log.failure("route {route}: closing the connections of retired {upstream}",
                                 route=self.name, upstream=member.upstream)
         return added, removed
 
-    def adoptDiscovered(self, old: "RouteCore") -> list[str]:
+    def adoptDiscovered(self, old: RouteCore) -> list[str]:
         """On reload: take over ``old``'s discovered members (and discovery state) of
         the ``dns:``/``srv:`` upstreams this route still has, so the new settings do
         not start with no member while DNS is asked again."""
