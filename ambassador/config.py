@@ -442,7 +442,8 @@ def _checkTLS(errors: _Errors, where: str, tls: TLSPolicy, upstreams: Sequence[s
                 "wrap it twice: use a tcp: member with [route.tls], or the tls: string's own "
                 "trustRoots=/certificate=/privateKey=",
             )
-        elif tlsServerName(member, tls) is None:
+        elif tlsServerName(member, tls) is None and not member.startswith("srv:"):
+            # (a srv: member's certificate is verified against its SRV target's name)
             errors.add(
                 where, "tls.server_name",
                 f"is required: member {member!r} (upstreams[{i + 1}]) has no host name to verify",
