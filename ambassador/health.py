@@ -116,8 +116,7 @@ def probeFor(route: Any, member: Any) -> _Probe:
     """The check of one member of ``route`` (see the module docstring)."""
     policy = route.health
     if route.protocol == "http":
-        host = (route.options.get("host_header") or member.hostName
-                or memberHost(member.upstream) or "localhost")
+        host = route.options.get("host_header") or _hostHeader(member, route.tls is not None)
         request = (
             f"GET {policy.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ambassador-health\r\n"
             "Accept: */*\r\nConnection: close\r\n\r\n"
@@ -130,6 +129,20 @@ def probeFor(route: Any, member: Any) -> _Probe:
         if dialect == "memcached":
             return _Probe(b"version\r\n", _lineVerdict(b"VERSION"))
     return _Probe(b"", lambda buffer: True)
+
+
+def _hostHeader(member: Any, tls: bool) -> str:
+    """The member's Host as the http route sends it (SPEC §2 ``host_header``): its
+    host name (a discovered member's DNS name), ``:port`` unless 80 (plain) or 443
+    (TLS); ``localhost`` when there is none (``unix:``)."""
+    host = member.hostName or memberHost(member.upstream)
+    if not host:
+        return "localhost"
+    port = member.upstream.rpartition(":")[2]
+    secure = tls or member.upstream.startswith("tls:")
+    if not port.isdigit() or port == ("443" if secure else "80"):
+        return host
+    return f"{host}:{port}"
 
 
 class HealthChecks(Service):

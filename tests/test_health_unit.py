@@ -64,7 +64,7 @@ def test_http_member_answering_500_turns_unhealthy_after_the_threshold_and_back(
     core, _checks, clock = checked("http", [bad, good], unhealthyThreshold=2, healthyThreshold=2)
     badMember, goodMember = core.members
     assert badMember.healthy  # one failure is not enough
-    assert bad.sent[0].startswith(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    assert bad.sent[0].startswith(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:7000\r\n")
     clock.advance(5)
     assert not badMember.healthy and goodMember.healthy
     assert not badMember.usable
@@ -136,3 +136,13 @@ def test_a_retired_member_is_forgotten():
     member.retired = True
     clock.advance(5)
     assert member not in checks.streaks and member.healthy
+
+
+def test_a_discovered_member_is_checked_with_its_dns_name_as_host():
+    endpoint = ScriptedEndpoint(b"HTTP/1.1 200 OK\r\n\r\n")
+    core, checks, _ = checked("http", [endpoint])
+    core.members[0].hostName = "svc.test"
+    core.members[0].upstream = "tcp:10.0.0.1:80"
+    endpoint.sent.clear()
+    checks.check(core.members[0])
+    assert endpoint.sent[0].startswith(b"GET /health HTTP/1.1\r\nHost: svc.test\r\n")
