@@ -38,11 +38,25 @@ def normalizeListen(description: str) -> str:
     prefix = args[0]
     if prefix in _LOOPBACK and "interface" not in kwargs:
         description = f"{description}:interface={_LOOPBACK[prefix]}"
+    if prefix == "systemd":
+        # Twisted's parser looks the inherited socket up while parsing, which fails
+        # outside systemd: check the syntax only, so `check` works anywhere.
+        _checkSystemd(description, kwargs)
+        return description
     try:
         _checkPort(serverFromString(MemoryReactor(), description), 0)
     except Exception as e:
         raise EndpointError(f"{description!r} is not a usable listen endpoint: {_reason(e)}") from None
     return description
+
+
+def _checkSystemd(description: str, kwargs: dict[str, str]) -> None:
+    if kwargs.get("domain") not in ("INET", "INET6", "UNIX"):
+        raise EndpointError(f"{description!r}: systemd: needs domain=INET, INET6 or UNIX")
+    if ("index" in kwargs) == ("name" in kwargs):
+        raise EndpointError(f"{description!r}: systemd: needs exactly one of index=N or name=NAME")
+    if "index" in kwargs and not kwargs["index"].isdigit():
+        raise EndpointError(f"{description!r}: systemd: index must be a number >= 0")
 
 
 def listenKey(description: str) -> Any:

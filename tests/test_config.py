@@ -619,3 +619,14 @@ def test_dns_servers_and_refresh(tmp_path):
 def test_bad_dns_servers_are_refused(tmp_path, servers):
     errors = refused(tmp_path, WEB + f"[dns]\nservers = {servers}\n")
     assertNamed(errors, str(tmp_path / "ambassador.toml"), None, "dns.servers")
+
+
+def test_systemd_listeners_are_checked_by_syntax_outside_systemd():
+    """Twisted's systemd: parser needs the inherited socket; `check` must work anywhere."""
+    from ambassador.endpoints import EndpointError, normalizeListen
+
+    assert normalizeListen("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
+    assert normalizeListen("systemd:domain=UNIX:name=cache") == "systemd:domain=UNIX:name=cache"
+    for bad in ("systemd:domain=INET", "systemd:domain=IPX:index=0", "systemd:domain=INET:index=x"):
+        with pytest.raises(EndpointError):
+            normalizeListen(bad)
