@@ -50,8 +50,9 @@ def _socketFor(transport: Any) -> Any:
     """The socket to relay into directly, or None to always use C{transport.write}.
 
     Only for Twisted's own plain stream sockets (TCP, UNIX), whose write buffer
-    state (C{dataBuffer}, C{_tempDataLen}) we can read: a TLS transport, a
-    startTLS'd one or anything else goes through its own C{write}.
+    state (C{dataBuffer}, C{offset}, C{_tempDataLen}: non-public, checked here) we
+    can read and extend: a TLS transport, a startTLS'd one or anything else goes
+    through its own C{write}.
     """
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return None
@@ -69,8 +70,9 @@ def _relay(transport: Any, sock: Any, data: bytes) -> None:
     (``epoll_ctl`` to watch for writability, ``epoll_wait``, ``send``,
     ``epoll_ctl`` again); when the transport's buffer is empty, sending now is the
     same bytes in the same order with one syscall instead of four.  Whatever the
-    kernel does not take goes to C{write}, whose buffer then pauses our side
-    (back-pressure) exactly as before; errors are left for C{write} to find.
+    kernel does not take is queued in the transport's own buffer (in place, as
+    C{doWrite} keeps a partly sent one), which then pauses our side (back-pressure)
+    exactly as C{write} would; errors are left for the transport's write path.
     """
     if (
         sock is not None
