@@ -99,6 +99,10 @@ class Route:
     health: HealthPolicy | None = None
     tls: TLSPolicy | None = None
     options: Mapping[str, Any] = attrs.field(factory=lambda: MappingProxyType({}))
+    #: A digest of the contents of every certificate, key and CA file the route reads
+    #: ([route.tls] and tls: members): a rotated file makes the route differ, so a
+    #: SIGHUP reload re-reads it (SPEC §7, issue 6) without a restart.
+    tlsFingerprint: str | None = None
 
     def summary(self) -> str:
         """The one line ``check`` prints for this route."""
@@ -410,6 +414,7 @@ def _parseRoute(
         errors.add(where, "balance", f'"hash" needs requests with keys (line routes), not {protocolName}')
     if len(errors.messages) != before:
         return None
+    values["tlsFingerprint"] = _tlsFingerprint(values.get("tls"), values.get("upstreams", ()))
     route = Route(name=name, protocol=protocolName, **values)
     for key, message in plugin.validate(route) if plugin is not None else ():
         errors.add(where, key, message)
@@ -448,6 +453,36 @@ def _checkTLS(errors: _Errors, where: str, tls: TLSPolicy, upstreams: Sequence[s
                 where, "tls.server_name",
                 f"is required: member {member!r} (upstreams[{i + 1}]) has no host name to verify",
             )
+
+
+def _tlsFingerprint(tls: TLSPolicy | None, upstreams: Sequence[str]) -> str | None:
+    """sha256 over the TLS files a route reads, or None when it reads none."""
+    import hashlib
+
+    from twisted.internet.endpoints import _parse
+
+    paths: list[str] = []
+    if tls is not None:
+        paths += [p for p in (tls.trustRoots, tls.certificate, tls.privateKey) if p]
+    for member in upstreams:
+        if member.startswith("tls:"):
+            _, kwargs = _parse(member)
+            paths += [kwargs[k] for k in ("trustRoots", "certificate", "privateKey") if k in kwargs]
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        files = [path]
+        if os.path.isdir(path):
+            files = sorted(os.path.join(path, name) for name in os.listdir(path))
+        for name in files:
+            digest.update(name.encode() + b"\0")
+            try:
+                with open(name, "rb") as f:
+                    digest.update(f.read())
+            except OSError:
+                digest.update(b"unreadable")
+    return digest.hexdigest()
 
 
 def parseRouteSpec(spec: str, protocols: Mapping[str, Any]) -> dict[str, Any]:

@@ -103,33 +103,41 @@ def planReload(running: Iterable[Route], routes: Iterable[Route]) -> ReloadPlan:
 def carryMembers(oldCore: Any, newCore: Any) -> list[str]:
     """Give ``newCore`` the members of ``oldCore`` that stayed, state and all.
 
-    A member stays when its endpoint string is still listed and the route's TLS
-    settings did not change (else its endpoint would be a different one).  The
+    A member stays when its endpoint string is still listed; when the route's TLS
+    settings or certificate files changed, it keeps its breaker but takes the endpoint
+    built from the new files (certificate rotation needs no restart).  The
     breaker of a member that stayed keeps its state and takes the new thresholds.
     The retry budget keeps its window and takes the new ratio.
 
     @return: the endpoint strings of the members carried over.
     """
     carried: list[str] = []
-    if oldCore.route.tls == newCore.route.tls:
-        previous = {member.upstream: member for member in oldCore.members}
-        policy = newCore.route.breaker
-        members = []
-        for member in newCore.members:
-            kept = previous.get(member.upstream)
-            if kept is None:
-                members.append(member)
-                continue
-            breaker = kept.breaker
-            breaker.failureThreshold = policy.failureThreshold
-            breaker.resetTimeout = policy.resetTimeout
-            breaker.halfOpenMax = policy.halfOpenMax
-            members.append(kept)
-            carried.append(kept.upstream)
-        newCore.members[:] = members
-        adopt = getattr(newCore, "adoptDiscovered", None)
-        if adopt is not None:  # dns:/srv: members found so far, till DNS answers anew
-            carried += adopt(oldCore)
+    previous = {member.upstream: member for member in oldCore.members}
+    policy = newCore.route.breaker
+    members = []
+    # New TLS settings or rotated certificate files: the member stays (breaker and
+    # all) but connects through the endpoint the new config built from the new files.
+    newEndpoints = (
+        oldCore.route.tls != newCore.route.tls
+        or oldCore.route.tlsFingerprint != newCore.route.tlsFingerprint
+    )
+    for member in newCore.members:
+        kept = previous.get(member.upstream)
+        if kept is None:
+            members.append(member)
+            continue
+        if newEndpoints:
+            kept.endpoint = member.endpoint
+        breaker = kept.breaker
+        breaker.failureThreshold = policy.failureThreshold
+        breaker.resetTimeout = policy.resetTimeout
+        breaker.halfOpenMax = policy.halfOpenMax
+        members.append(kept)
+        carried.append(kept.upstream)
+    newCore.members[:] = members
+    adopt = getattr(newCore, "adoptDiscovered", None)
+    if adopt is not None:  # dns:/srv: members found so far, till DNS answers anew
+        carried += adopt(oldCore)
     budget = oldCore.budget
     budget.ratio = newCore.route.retry.budgetRatio
     budget.minPerSecond = newCore.route.retry.budgetMinPerSecond

@@ -145,14 +145,31 @@ def test_members_that_stayed_keep_their_breaker_state_and_new_members_start_clos
     assert members[1] is not m2 and members[1].upstream == M3 and members[1].breaker.state == "closed"
 
 
-def test_members_are_not_carried_over_when_the_route_tls_changed(tmp_path):
+def test_a_member_keeps_its_breaker_but_takes_the_new_endpoint_when_the_route_tls_changed(tmp_path):
     running = Running(tmp_path, route("a", 7000, M1))
     old = running.service.routes["a"].core
+    oldEndpoint = old.members[0].endpoint
     cert = tmp_path / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(cert))
     assert running.reload(route("a", 7000, M1, extra=f'[route.tls]\ntrust_roots = "{cert}"'))
-    assert running.service.routes["a"].core.members[0] is not old.members[0]
-    assert carryMembers(old, old) == [M1]
+    member = running.service.routes["a"].core.members[0]
+    assert member is old.members[0]
+    assert member.endpoint is not oldEndpoint
+
+
+def test_a_rotated_certificate_file_makes_the_route_change_and_renews_the_endpoint(tmp_path):
+    cert = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(cert))
+    config = route("a", 7000, M1, extra=f'[route.tls]\ntrust_roots = "{cert}"')
+    running = Running(tmp_path, config)
+    old = running.service.routes["a"].core
+    oldEndpoint = old.members[0].endpoint
+    trustme.CA().cert_pem.write_to_path(str(cert))  # same path, new contents
+    assert running.reload(config)
+    new = running.service.routes["a"].core
+    assert new.route.tlsFingerprint != old.route.tlsFingerprint
+    assert new.members[0] is old.members[0]
+    assert new.members[0].endpoint is not oldEndpoint
 
 
 def test_added_removed_and_rebound_routes(tmp_path):
