@@ -30,6 +30,7 @@ import argparse
 import atexit
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -42,9 +43,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 CHUNK = 1024 * 1024
@@ -218,11 +219,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def stopAll() -> None:
-    for process in list(_children):
+    for process in list(_children):  # noqa: PERF101 - stop() removes from _children
         try:
             stop(process)
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            print(f"could not stop pid {process.pid}: {e}", file=sys.stderr)
 
 
 def cpuSeconds(pid: int) -> float:
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault(path.name, {}).setdefault(workload, []).append((value, share))
                     unit = "round trips/s" if workload == "ping-pong" else "Gbit/s"
                     print(f"run {n + 1}/{args.repeat} {path.name:14} {workload:10} {value:10.2f} {unit}"
-                          + (f"  proxy CPU {100 * share:3.0f}%" if share == share else ""), flush=True)
+                          + (f"  proxy CPU {100 * share:3.0f}%" if not math.isnan(share) else ""), flush=True)
     finally:
         stopAll()
 
@@ -483,13 +484,13 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[tuple[flo
         for workload, runs in rows.items():
             summary[name][workload] = statistics.median(v for v, _ in runs)
             costs = [share / (value if workload == "ping-pong" else value * 1e9 / 8 / 2**30)
-                     for value, share in runs if share == share and value > 0]
+                     for value, share in runs if not math.isnan(share) and value > 0]
             if costs:
                 summary[name][workload + " proxy CPU"] = statistics.median(s for _, s in runs)
                 # CPU seconds per GiB or per round trip, median over the runs
                 summary[name][workload + " cost"] = statistics.median(costs)
     print()
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+    print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, Twisted {twistedVersion.short()}, "
           + (f"proxies on cpu {proxyCpu}, load generators and peer on cpu {clientCpu}" if pin else "not pinned"))
     print(f"# {args.bytes:g} GiB or {args.seconds:g} s per throughput run, ping-pong {args.pingpong_seconds:g} s, "
@@ -516,14 +517,14 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[tuple[flo
     print()
     amb = summary.get("ambassador")
     if amb:
-        for other in summary:
+        for other, row in summary.items():
             if other == "ambassador":
                 continue
-            ratios = ", ".join(f"{w} {amb[w] / summary[other][w]:.2f}" for w in workloads)
+            ratios = ", ".join(f"{w} {amb[w] / row[w]:.2f}" for w in workloads)
             line = f"ambassador/{other} throughput: {ratios}"
-            if other != "direct" and amb.get(workloads[0] + " cost") and summary[other].get(workloads[0] + " cost"):
+            if other != "direct" and amb.get(workloads[0] + " cost") and row.get(workloads[0] + " cost"):
                 efficiency = ", ".join(
-                    f"{w} {summary[other][w + ' cost'] / amb[w + ' cost']:.2f}" for w in workloads
+                    f"{w} {row[w + ' cost'] / amb[w + ' cost']:.2f}" for w in workloads
                 )
                 line += f"; per proxy CPU-second: {efficiency}"
             print(line)

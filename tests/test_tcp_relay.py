@@ -17,9 +17,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 
 from ambassador.protocols.tcp import (
-    IDLE_CHECKS, READ_SIZE, SMALL_READ, _AppSide, _MemberSide, _relay, _socketFor,
+    IDLE_CHECKS,
+    READ_SIZE,
+    SMALL_READ,
+    _AppSide,
+    _MemberSide,
+    _relay,
+    _socketFor,
 )
-
 
 # --- _relay: straight into the socket, or through transport.write ---------------------
 
@@ -186,7 +191,7 @@ def test_bytes_either_way_keep_the_pair_open_and_silence_is_timed_from_the_last_
 
 
 def test_a_byte_just_before_the_deadline_is_never_missed() -> None:
-    app, member, clock = connectedPair(idle=8.0)
+    app, _member, clock = connectedPair(idle=8.0)
     clock.advance(7.999)
     app.dataReceived(b"y")
     clock.advance(7.99)
@@ -197,7 +202,7 @@ def test_a_byte_just_before_the_deadline_is_never_missed() -> None:
 
 
 def test_a_full_read_grows_the_read_size_and_a_short_one_shrinks_it_back() -> None:
-    app, member, clock = connectedPair(idle=60.0)
+    app, member, _clock = connectedPair(idle=60.0)
     for side in (app, member):
         assert side.transport.bufferSize == SMALL_READ  # type: ignore[attr-defined]
         side.dataReceived(b"b" * SMALL_READ)  # the buffer was full: a bulk flow

@@ -12,7 +12,11 @@ from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet import tcp
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
