@@ -259,6 +259,24 @@ def test_reload_adopts_discovered_members_of_the_sources_that_stayed():
     assert list(new.discovery) == ["dns:svc.test:80"]
 
 
+def test_reload_with_new_tls_settings_rebuilds_the_adopted_members_endpoints():
+    import attrs
+
+    from ambassador.config import TLSPolicy
+
+    clock, resolver = Clock(), FakeResolver()
+    resolver.records["svc.test"] = [a("svc.test", "10.0.0.1")]
+    old = makeCore(("dns:svc.test:80",), clock=clock)
+    started(old, resolver, clock)
+    member = old.members[0]
+    before = member.endpoint
+    new = makeCore(("dns:svc.test:80",), clock=clock)
+    new.route = attrs.evolve(new.route, tls=TLSPolicy(serverName="svc.test"))
+    new.adoptDiscovered(old)
+    assert new.members == [member] and member.endpoint is not before
+    assert new.built == [("tcp:10.0.0.1:80", "svc.test")]  # type: ignore[attr-defined]
+
+
 def test_makeResolver_asks_only_the_configured_servers():
     from twisted.internet.testing import MemoryReactorClock
 

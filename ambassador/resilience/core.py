@@ -239,6 +239,12 @@ class RouteCore:
         not start with no member while DNS is asked again."""
         sources = {u for u in self.route.upstreams if isDiscovered(u)}
         kept = [m for m in old.members if m.source in sources]
+        if (old.route.tls != self.route.tls
+                or getattr(old.route, "tlsFingerprint", None)
+                != getattr(self.route, "tlsFingerprint", None)):
+            # new TLS settings or rotated files: same member, endpoint from the new ones
+            for member in kept:
+                member.endpoint = self.endpointFor(member.upstream, member.hostName)
         self.members.extend(kept)
         for source in sources:
             if source in old.discovery:
