@@ -196,11 +196,22 @@ def waitForPort(port: int, timeout: float = 15.0, process: subprocess.Popen[byte
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def _dieWithParent() -> None:
+    """In the child: get SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stopAll() on the way out is all there is
+
+
 def start(command: list[str], cpu: int | None, log: Path) -> subprocess.Popen[bytes]:
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_dieWithParent)  # noqa: PLW1509 - no threads run yet
     _children.append(process)
     return process
 
