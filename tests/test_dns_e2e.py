@@ -198,6 +198,7 @@ class HealthMember:
         member = self
         self.userRequests = 0
         self.healthRequests = 0
+        self.hosts: list[str | None] = []
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -208,6 +209,7 @@ class HealthMember:
                     code, body = healthStatus, b"health\n"
                 else:
                     member.userRequests += 1
+                    member.hosts.append(self.headers.get("Host"))
                     code, body = 200, address.encode()
                 self.send_response(code)
                 self.send_header("content-length", str(len(body)))
@@ -299,6 +301,8 @@ upstreams = ["dns:later.test:{port}"]
             with urllib.request.urlopen(f"http://127.0.0.1:{listen}/x", timeout=5) as r:
                 assert r.read() == b"127.0.0.1"
             assert readyCode(admin) == 200
+            # the Host of a discovered member is its DNS name, not its address (SPEC §2)
+            assert member.hosts[-1] == f"later.test:{port}"
     finally:
         member.stop()
 

@@ -132,7 +132,14 @@ class RouteSettings:
         except KeyError:
             from .headers import memberHostHeader
 
-            host = self.hosts[upstream] = memberHostHeader(upstream, self.tls)
+            hostName = getattr(member, "hostName", None)
+            if hostName is not None:
+                # A dns:/srv: member (tcp:ADDRESS:PORT) gets the DNS name (SPEC §2).
+                port = upstream.rsplit(":", 1)[1]
+                host = memberHostHeader(f"tcp:{hostName}:{port}", self.tls)
+            else:
+                host = memberHostHeader(upstream, self.tls)
+            self.hosts[upstream] = host
             return host
 
 
