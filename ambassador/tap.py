@@ -48,13 +48,27 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
 
 
+def _logsToStdout(server: Any) -> bool:
+    """Would twistd's own text observer write to stdout (``-n`` without
+    ``--logfile``, or ``--logfile=-``) rather than to a file or syslog?"""
+    if server is None:
+        return False
+    try:
+        if server["syslog"]:
+            return False
+        logfile = server["logfile"]
+        return bool(logfile == "-" or (server["nodaemon"] and not logfile))
+    except KeyError:  # not twistd's ServerOptions
+        return False
+
+
 def makeService(options: Options, reactor: Any = None) -> Any:
     """Build the service tree from the options; exit 1 with every error on bad config."""
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    from ambassador.logs import jsonObserver
+    from ambassador.logs import jsonObserver, textObserver
     from ambassador.service import AmbassadorService
 
     protocols = loadProtocols()
@@ -66,7 +80,13 @@ def makeService(options: Options, reactor: Any = None) -> Any:
             sys.stderr.write(f"  {error}\n")
         sys.stderr.flush()
         raise SystemExit(1)
-    observer = jsonObserver(sys.stdout) if options["log-format"] == "json" else None
+    observer: Any = None
+    if options["log-format"] == "json":
+        observer = jsonObserver(sys.stdout, reactor)
+    elif _logsToStdout(getattr(options, "parent", None)):
+        # The lines twistd would write, cheaper (ambassador.logs); a log file or
+        # syslog stays twistd's own.
+        observer = textObserver(sys.stdout, reactor)
     ambassador = AmbassadorService(config, protocols, reactor, logObserver=observer)
 
     from ambassador.reload import Reloader

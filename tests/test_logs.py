@@ -88,3 +88,75 @@ def test_a_field_json_cannot_encode_still_gives_a_valid_line() -> None:
     event = {"log_namespace": "ambassador.access", "route": object(), "attempts": 1}
     document = json.loads(formatJSON(event))
     assert document["route"].startswith("<object")
+
+
+# --- the text observer: twistd's own lines, cheaper -------------------------------------
+
+def _twistedText(event: dict[str, Any]) -> str:
+    from twisted.logger import textFileLogObserver
+
+    stream = io.StringIO()
+    textFileLogObserver(stream)(dict(event))
+    return stream.getvalue()
+
+
+def _ourText(event: dict[str, Any]) -> str:
+    from ambassador.logs import textObserver
+
+    stream = io.StringIO()
+    textObserver(stream)(dict(event))
+    return stream.getvalue()
+
+
+def test_text_access_lines_are_exactly_twisteds(accessEvents: list[dict[str, Any]]) -> None:
+    core = makeCore(True)
+    core.finished(RequestRecord("tcp:127.0.0.1:1", 2, "ok", 0.0125, bytesIn=7, bytesOut=9,
+                                status=200))
+    core.finished(RequestRecord(None, 0, "breaker-open", 0.001))
+    core.finished(RequestRecord("unix:/tmp/a\nb", 1, "reset", 1e-7))
+    for event in accessEvents:
+        for when in (1764171000.25, 1764171000.9999996, 0.0):
+            event["log_time"] = when
+            assert _ourText(event) == _twistedText(event)
+
+
+def test_text_other_events_are_exactly_twisteds() -> None:
+    events: list[dict[str, Any]] = []
+    log = Logger(namespace="ambassador", observer=events.append)
+    log.info("route {route}: {n} members\nsecond line", route="r", n=3)
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        log.failure("it broke", Failure())
+    events.append({"log_format": "{a} x", "log_system": "sys", "a": 1, "log_time": 5.5})
+    events.append({"log_namespace": "ambassador.access", "log_format": "odd {x}", "x": 1})
+    for event in events:
+        assert _ourText(event) == _twistedText(event)
+
+
+def test_access_lines_are_flushed_on_the_next_reactor_turn() -> None:
+    from ambassador.logs import textObserver
+
+    class Stream(io.StringIO):
+        flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+
+    stream, clock = Stream(), Clock()
+    observer = textObserver(stream, clock)
+    access: list[dict[str, Any]] = []
+    coreLog = Logger(namespace="ambassador.access", observer=access.append)
+    for _ in range(3):
+        coreLog.info(coreModule.ACCESS_FORMAT, route="r", upstream=None, attempts=0,
+                     result="ok", status=None, bytes_in=0, bytes_out=0, duration_ms=0.0)
+    for event in access:
+        observer(event)
+    assert stream.getvalue().count("\n") == 3 and stream.flushes == 0
+    clock.advance(0)
+    assert stream.flushes == 1
+    observer(access[0])
+    Logger(namespace="ambassador", observer=observer).info("not an access line")
+    assert stream.flushes == 2  # at once, with the access line before it
+    clock.advance(0)
+    assert stream.flushes == 2 and not clock.getDelayedCalls()

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ambassador.logs import ACCESS_FORMAT
 from ambassador.resilience import reasons
 from ambassador.resilience.backoff import backoffDelay
 from ambassador.resilience.balance import BALANCERS
@@ -310,9 +311,7 @@ class RouteCore:
         self.events.requestFinished(self.name, record)
         if self.route.accessLog:
             accessLog.info(
-                "{route} {upstream} attempts={attempts} result={result} status={status} "
-                "bytes_in={bytes_in} bytes_out={bytes_out} duration_ms={duration_ms}",
-                route=self.name, upstream=record.upstream, attempts=record.attempts,
+                ACCESS_FORMAT, route=self.name, upstream=record.upstream, attempts=record.attempts,
                 result=record.result, status=record.status, bytes_in=record.bytesIn,
                 bytes_out=record.bytesOut, duration_ms=round(record.duration * 1000, 3),
             )
