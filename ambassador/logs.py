@@ -20,7 +20,8 @@ is written and flushed at once, as before, so no line waits behind an access lin
 from __future__ import annotations
 
 import json
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
