@@ -315,6 +315,48 @@ def test_a_timed_out_attempt_is_retried_elsewhere():
     assert result(d).attempts == 2
 
 
+def test_concurrent_attempts_each_time_out_on_their_own_start_plus_timeout():
+    """The attempts bounded by the route timeout share one timer (RouteCore.watch):
+    each still ends exactly at its own start + timeout, finished ones never fire,
+    and no timer is left once none is under way."""
+    core, clock, recorder = makeCore(attempts=1, timeout=1.0)
+    attempts = Attempts()
+    first = core.request(attempts)
+    clock.advance(0.25)
+    second = core.request(attempts)
+    clock.advance(0.25)
+    third = core.request(attempts)
+    assert len(clock.getDelayedCalls()) == 1
+    second.addErrback(lambda f: None)
+    attempts.calls[1][1].callback("ok")  # finished: its expiry must not matter
+    clock.advance(0.4999)
+    assert pending(first) and pending(third)
+    clock.advance(0.0001)
+    assert requestFailed(first).reason == "timeout" and pending(third)
+    clock.advance(0.4999)
+    assert pending(third)
+    clock.advance(0.0001)
+    assert requestFailed(third).reason == "timeout"
+    assert [e[3] for e in recorder.of("attempt")] == ["ok", "timeout", "timeout"]
+    assertQuiet(core, clock)
+
+
+def test_a_timed_out_attempts_retry_is_watched_behind_older_attempts():
+    core, clock, _recorder = makeCore(attempts=2, timeout=1.0, backoffBase=0.0)
+    attempts = Attempts()
+    first = core.request(attempts)
+    clock.advance(0.5)
+    second = core.request(attempts)
+    clock.advance(0.5)  # the first attempt times out and is retried at once
+    assert len(attempts.calls) == 3 and pending(first)
+    clock.advance(0.5)  # the second request's attempt: its own timeout, not the retry's
+    assert len(attempts.calls) == 4 and pending(second)
+    attempts.calls[2][1].callback("ok")
+    attempts.calls[3][1].callback("ok")
+    assert result(first).attempts == 2 and result(second).attempts == 2
+    assertQuiet(core, clock)
+
+
 def test_the_attempt_timeout_argument_overrides_the_route_timeout():
     core, clock, _recorder = makeCore(attempts=1, timeout=1.0)
     attempts = Attempts()

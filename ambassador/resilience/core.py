@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import random as _random
 from collections import deque
+from time import time as _now
 from typing import Any, Callable, Collection
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ambassador.logs import ACCESS_FORMAT
@@ -171,6 +172,11 @@ class RouteCore:
         self.connections: set[Any] = set()
         #: The last TRACES trace values of requests made with trace=True (/status).
         self.traces: deque[str] = deque(maxlen=TRACES)
+        #: ``[expiry, request]`` of the attempts bounded by ``route.timeout``, oldest
+        #: first, and the one timer that watches the oldest (see :meth:`watch`).
+        self.timeouts: deque[list[Any]] = deque()
+        self.timeoutCall: IDelayedCall | None = None
+        self.firing = False
 
     def addMember(self, upstream: str, endpoint: Any) -> Member:
         policy = self.route.breaker
@@ -310,11 +316,67 @@ class RouteCore:
         """A request (tcp: connection) ended: count it and write its access-log line."""
         self.events.requestFinished(self.name, record)
         if self.route.accessLog:
-            accessLog.info(
-                ACCESS_FORMAT, route=self.name, upstream=record.upstream, attempts=record.attempts,
-                result=record.result, status=record.status, bytes_in=record.bytesIn,
-                bytes_out=record.bytesOut, duration_ms=round(record.duration * 1000, 3),
-            )
+            # The event accessLog.info() would emit, without Logger.emit's own work
+            # (a level check that iterates LogLevel's constants), once per request.
+            accessLog.observer({
+                "log_logger": accessLog, "log_level": LogLevel.info,
+                "log_namespace": accessLog.namespace, "log_source": accessLog.source,
+                "log_format": ACCESS_FORMAT, "log_time": _now(),
+                "route": self.name, "upstream": record.upstream, "attempts": record.attempts,
+                "result": record.result, "status": record.status, "bytes_in": record.bytesIn,
+                "bytes_out": record.bytesOut, "duration_ms": round(record.duration * 1000, 3),
+            })
+
+    # --- attempt timeouts ---------------------------------------------------------------
+
+    def watch(self, request: _Request, now: float) -> list[Any] | None:
+        """Bound an attempt starting ``now`` by ``route.timeout``, without a timer of
+        its own: every such attempt expires in the order it started, so one timer for
+        the oldest one watches them all (a ``callLater`` and its ``cancel`` per
+        attempt were a measurable share of a small request's cost).
+
+        @return: the entry to hand to :meth:`unwatch`, or None when the clock went
+            back (the order would break): the caller then uses a timer of its own.
+        """
+        timeouts = self.timeouts
+        expiry = now + self.route.timeout
+        if timeouts and timeouts[-1][0] > expiry:
+            return None
+        entry = [expiry, request]
+        timeouts.append(entry)
+        if self.timeoutCall is None and not self.firing:
+            self.timeoutCall = self.clock.callLater(self.route.timeout, self._timeUp)
+        return entry
+
+    def unwatch(self, entry: list[Any]) -> None:
+        """The attempt of ``entry`` ended before its timeout."""
+        entry[1] = None
+        timeouts = self.timeouts
+        while timeouts and timeouts[0][1] is None:
+            timeouts.popleft()
+        if not timeouts and self.timeoutCall is not None:
+            self.timeoutCall.cancel()
+            self.timeoutCall = None
+
+    def _timeUp(self) -> None:
+        self.timeoutCall = None
+        timeouts = self.timeouts
+        # A microsecond of slack: the timer of a later head is set from a difference
+        # of clock readings, which may round a hair late.
+        limit = self.clock.seconds() + 1e-6
+        self.firing = True
+        try:
+            while timeouts and timeouts[0][0] <= limit:
+                request = timeouts.popleft()[1]
+                if request is not None:
+                    request.timeUp(reasons.TIMEOUT)
+        finally:
+            self.firing = False
+        while timeouts and timeouts[0][1] is None:
+            timeouts.popleft()
+        if timeouts and self.timeoutCall is None:
+            delay = max(0.0, timeouts[0][0] - self.clock.seconds() - 1e-6)
+            self.timeoutCall = self.clock.callLater(delay, self._timeUp)
 
     # --- downstream connections --------------------------------------------------------
 
@@ -359,7 +421,7 @@ class _Request:
         self.tried: list[Member] = []
         self.current: Deferred[Any] | None = None
         self.member: Member | None = None
-        self.timer: IDelayedCall | None = None
+        self.timer: Any = None  # a DelayedCall, or an entry of core.watch()
         self.sleeper: IDelayedCall | None = None
         self.timedOut: str | None = None
         self.cancelled = False
@@ -404,9 +466,14 @@ class _Request:
         if self.trace is not None:
             self.attemptLeft = left
         if left <= self.attemptTimeout:
-            self.timer = core.clock.callLater(max(left, 0.0), self._timeUp, reasons.DEADLINE)
+            self.timer = core.clock.callLater(max(left, 0.0), self.timeUp, reasons.DEADLINE)
         else:
-            self.timer = core.clock.callLater(self.attemptTimeout, self._timeUp, reasons.TIMEOUT)
+            timer: Any = None
+            if self.attemptTimeout == core.route.timeout:
+                timer = core.watch(self, now)
+            if timer is None:
+                timer = core.clock.callLater(self.attemptTimeout, self.timeUp, reasons.TIMEOUT)
+            self.timer = timer
         self.timedOut = None
         try:
             d = self.attempt(member)
@@ -416,15 +483,19 @@ class _Request:
         self.current = d
         d.addCallbacks(self._succeeded, self._failed, errbackArgs=(now,), callbackArgs=(now,))
 
-    def _timeUp(self, reason: str) -> None:
+    def timeUp(self, reason: str) -> None:
         self.timer = None
         self.timedOut = reason
         if self.current is not None:
             self.current.cancel()
 
     def _endAttempt(self) -> Member:
-        if self.timer is not None:
-            self.timer.cancel()
+        timer = self.timer
+        if timer is not None:
+            if type(timer) is list:
+                self.core.unwatch(timer)
+            else:
+                timer.cancel()
             self.timer = None
         self.current = None
         member = self.member
