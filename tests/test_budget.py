@@ -96,3 +96,32 @@ def test_a_long_idle_gap_clears_everything():
     assert (b.requests, b.retries, b.allowed) == (0, 0, 0)
     b.recordRequest()
     assert b.tryRetry()
+
+
+def test_running_totals_match_a_window_recounted_from_scratch():
+    """The kept totals (cheap per request) agree with counting the window anew."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    steps = st.lists(st.tuples(st.sampled_from(["request", "retry", "wait"]),
+                               st.floats(0, 13, allow_nan=False)), max_size=80)
+
+    @settings(max_examples=150, deadline=None)
+    @given(steps)
+    def check(plan: list[tuple[str, float]]) -> None:
+        clock, b = budget(0.5, 0.3, start=0.7)
+        log: list[tuple[float, str]] = []
+        for action, amount in plan:
+            if action == "wait":
+                clock.advance(amount)
+            elif action == "request":
+                b.recordRequest()
+                log.append((clock.seconds(), "request"))
+            elif b.tryRetry():
+                log.append((clock.seconds(), "retry"))
+            now = int(clock.seconds())
+            recent = [kind for at, kind in log if int(at) > now - 10]
+            assert b.requests == recent.count("request")
+            assert b.retries == recent.count("retry")
+
+    check()
