@@ -34,6 +34,9 @@ class Breaker:
         self.halfOpenMax = halfOpenMax
         self._onChange = onChange
         self._state = CLOSED
+        #: ``state == CLOSED``, as a plain attribute: what every attempt asks first,
+        #: answered without a property call (open -> half-open needs no check here).
+        self.closed = True
         self._openedAt = 0.0
         self.consecutiveFailures = 0
         self.trials = 0
@@ -51,6 +54,8 @@ class Breaker:
 
     def admits(self) -> bool:
         """Would an attempt be let through now (without taking a trial slot)?"""
+        if self.closed:
+            return True
         state = self.state
         if state == CLOSED:
             return True
@@ -61,6 +66,8 @@ class Breaker:
     def acquire(self) -> bool:
         """Take permission for one attempt; every True must be followed by exactly one
         of success(), failure() or release()."""
+        if self.closed:
+            return True
         state = self.state
         if state == CLOSED:
             return True
@@ -105,6 +112,7 @@ class Breaker:
     def _set(self, state: str, at: float) -> None:
         if state != self._state:
             self._state = state
+            self.closed = state == CLOSED
             self.changedAt = at
             if self._onChange is not None:
                 self._onChange(state)

@@ -403,7 +403,7 @@ class _Request:
     __slots__ = (
         "core", "attempt", "key", "safe", "retryOn", "attemptTimeout", "deadlineAt", "tries",
         "tried", "result", "current", "member", "timer", "sleeper", "timedOut", "cancelled",
-        "lastFailure", "started", "trace", "waitFrom", "attemptLeft", "trial",
+        "lastFailure", "started", "trace", "waitFrom", "attemptLeft", "trial", "attemptStarted",
     )
 
     def __init__(
@@ -456,7 +456,8 @@ class _Request:
                 self.result.errback(failed)
             return
         # The breaker's half-open period whose trial slot this attempt holds, if any.
-        self.trial = member.breaker.epoch if member.breaker.state == HALF_OPEN else None
+        breaker = member.breaker
+        self.trial = None if breaker.closed or breaker.state != HALF_OPEN else breaker.epoch
         self.tries += 1
         self.member = member
         member.inFlight += 1
@@ -481,7 +482,10 @@ class _Request:
             d = Deferred()
             d.errback(Failure())
         self.current = d
-        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(now,), callbackArgs=(now,))
+        # An attempt's Deferred fires before the next attempt starts (cancelling it
+        # fires it), so one attribute holds the start of the attempt under way.
+        self.attemptStarted = now
+        d.addCallbacks(self._succeeded, self._failed)
 
     def timeUp(self, reason: str) -> None:
         self.timer = None
@@ -503,7 +507,8 @@ class _Request:
         member.inFlight -= 1
         return member
 
-    def _succeeded(self, value: Any, startedAt: float) -> None:
+    def _succeeded(self, value: Any) -> None:
+        startedAt = self.attemptStarted
         member = self._endAttempt()
         core = self.core
         member.breaker.success()
@@ -515,7 +520,8 @@ class _Request:
             outcome.trace = self._traceValue()
         self.result.callback(outcome)
 
-    def _failed(self, failure: Failure, startedAt: float) -> None:
+    def _failed(self, failure: Failure) -> None:
+        startedAt = self.attemptStarted
         member = self._endAttempt()
         core = self.core
         if self.cancelled:

@@ -44,7 +44,8 @@ class Member:
 
     @property
     def usable(self) -> bool:
-        return self.healthy and self.breaker.admits()
+        breaker = self.breaker
+        return self.healthy and (breaker.closed or breaker.admits())
 
     def connect(self, factory: Any, clock: IReactorTime, timeout: float) -> Deferred[Any]:
         """Connect within ``timeout`` (the route's connect_timeout).
