@@ -1,6 +1,7 @@
 """HTTP keep-alive requests/s: direct vs ambassador vs HAProxy vs nginx, side by side.
 
     python bench/http_rps.py [--duration 5] [--rounds 3] [--connections 50]
+                             [--access-log] [--before DIR ...]
 
 One run, same machine.  The upstream is nginx answering 100 bytes (a Python server
 if nginx is missing) pinned to the last core; each proxy is pinned to core 0 with
@@ -9,7 +10,12 @@ missing and run as root) on the remaining cores.  Printed per proxy: wall
 requests/s, **requests/s per proxy core** (requests divided by the CPU seconds the
 proxy process used, which stays meaningful on a busy machine), p50/p99 at
 ``--connections``, p50 at one connection and what the hop adds to it, and each
-ratio to HAProxy.  Timings live here, never in tests.
+ratio to HAProxy, and the proxy's CPU time per request.  Rounds are interleaved
+across the targets, so load from elsewhere on the machine hits each alike.
+``--access-log`` adds the ambassador with its access log on (the SPEC default;
+lines to a file, as twistd -n writes them to stdout); ``--before DIR`` adds the
+ambassador from another source tree (``git archive REV ambassador twisted | tar
+-x -C DIR``) for a before/after in one run.  Timings live here, never in tests.
 """
 
 from __future__ import annotations
@@ -104,6 +110,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--access-log", action="store_true",
+                        help="also run the ambassador with its access log on (the SPEC default)")
+    parser.add_argument("--before", metavar="DIR", action="append", default=[],
+                        help="also run the ambassador from another source tree (its ambassador/ "
+                             "and twisted/plugins/ first on PYTHONPATH), e.g. "
+                             "git archive REV ambassador twisted | tar -x -C DIR; repeatable")
     args = parser.parse_args()
     ensureTools()
     if shutil.which("wrk") is None:
@@ -141,20 +153,36 @@ http {{ access_log off; keepalive_requests 10000000; {temps}
 
     targets: dict[str, tuple[int, list[int]]] = {"direct": (upstreamPort, [])}
 
-    ambassadorPort = freePort()
-    (tmp / "ambassador.toml").write_text(f"""
+    def ambassador(name: str, accessLog: bool, source: str | None = None) -> None:
+        port = freePort()
+        (tmp / f"{name}.toml").write_text(f"""
 [[route]]
 name = "bench"
 protocol = "http"
-listen = "tcp:{ambassadorPort}"
+listen = "tcp:{port}"
 upstreams = ["tcp:127.0.0.1:{upstreamPort}"]
-access_log = false
+access_log = {'true' if accessLog else 'false'}
 """)
-    amb = start([*pin(proxyCore), sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                 "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
-                 str(tmp / "ambassador.toml")], "ambassador")
-    waitForPort(ambassadorPort)
-    targets["ambassador"] = (ambassadorPort, [amb.pid])
+        env = None
+        if source is not None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(Path(source).resolve()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        log = open(tmp / f"{name}.log", "wb")
+        p = subprocess.Popen(
+            [*pin(proxyCore), sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "ambassador", "--admin", "none", "--config", str(tmp / f"{name}.toml")],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+        processes.append(p)
+        waitForPort(port)
+        targets[name] = (port, [p.pid])
+
+    ambassador("ambassador", False)
+    if args.access_log:
+        ambassador("amb+log", True)
+    for i, source in enumerate(args.before):
+        ambassador("before" if len(args.before) == 1 else f"before{i + 1}", False, source)
+        if args.access_log:
+            ambassador("before+log" if len(args.before) == 1 else f"before{i + 1}+log", True, source)
 
     haproxy = which("haproxy")
     if haproxy:
@@ -194,24 +222,29 @@ http {{ access_log off; keepalive_requests 10000000; {temps}
         targets["nginx"] = (nginxPort, withChildren(ng.pid))
 
     results: dict[str, dict[str, float]] = {}
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    single: dict[str, list[float]] = {name: [] for name in targets}
     try:
-        for name, (port, pids) in targets.items():
+        for port, _ in targets.values():
             load(port, args.connections, 1.0, loadCores)  # warm up: pools, caches
-            rounds = []
-            for _ in range(args.rounds):
+        # Rounds interleaved across the targets, so that load from elsewhere on the
+        # machine, which comes and goes, hits every target alike.
+        for i in range(args.rounds):
+            for name, (port, pids) in targets.items():
                 before = cpuSeconds(pids)
                 run = load(port, args.connections, args.duration, loadCores)
                 used = cpuSeconds(pids) - before
                 run["perCore"] = run["requests"] / used if used > 0 else float("nan")
-                rounds.append(run)
-            single = [load(port, 1, max(2.0, args.duration / 2), loadCores)["p50"]
-                      for _ in range(args.rounds)]
+                rounds[name].append(run)
+                single[name].append(load(port, 1, max(2.0, args.duration / 2), loadCores)["p50"])
+            print(f"  round {i + 1}/{args.rounds} done", flush=True)
+        for name in targets:
             results[name] = {
-                key: statistics.median(r[key] for r in rounds)
+                key: statistics.median(r[key] for r in rounds[name])
                 for key in ("rps", "perCore", "p50", "p99")
             }
-            results[name]["p50c1"] = statistics.median(single)
-            print(f"  {name}: done", flush=True)
+            results[name]["p50c1"] = statistics.median(single[name])
+            results[name]["cpuUs"] = 1e6 / results[name]["perCore"]
     finally:
         for p in processes:
             p.send_signal(signal.SIGTERM)
@@ -227,14 +260,15 @@ http {{ access_log off; keepalive_requests 10000000; {temps}
           f"(medians); proxies pinned to core {proxyCore}; {cores} cores; load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'target':<11}{'req/s':>9}{'req/s/core':>12}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'p50@1c ms':>11}{'added':>8}{'x HAProxy/core':>16}")
+          f"{'p50@1c ms':>11}{'added':>8}{'CPU us/req':>11}{'x HAProxy/core':>16}")
     for name, r in results.items():
         perCore = "-" if name == "direct" else f"{r['perCore']:.0f}"
         added = "-" if name == "direct" else f"{r['p50c1'] - direct:+.3f}"
+        cpu = "-" if name == "direct" else f"{r['cpuUs']:.0f}"
         ratio = ("-" if base is None or name == "direct"
                  else f"{r['perCore'] / base['perCore']:.2f}")
         print(f"{name:<11}{r['rps']:>9.0f}{perCore:>12}{r['p50']:>9.2f}{r['p99']:>9.2f}"
-              f"{r['p50c1']:>11.3f}{added:>8}{ratio:>16}")
+              f"{r['p50c1']:>11.3f}{added:>8}{cpu:>11}{ratio:>16}")
     print("\nGoals (issue 4): ambassador >= 0.25 x HAProxy req/s per core; added p50 at one "
           "connection <= 0.3 ms.")
 
