@@ -442,7 +442,7 @@ class MemberPool:
 
     def put(self, connection: MemberConnection) -> None:
         connections = self.idle.setdefault(connection.member, [])
-        if len(connections) >= self.maxIdle:
+        if len(connections) >= self.maxIdle or connection.member.retired:
             connection.abandon()
             return
         connection.reused = False
@@ -454,6 +454,13 @@ class MemberPool:
         connections.append(connection)
         if self.sweeper is None:
             self.sweeper = self.clock.callLater(self.idleTimeout, self._sweep)
+
+    def retire(self, member: Any) -> None:
+        """Discovery dropped ``member``: close its idle connections now; busy ones are
+        closed when their exchange ends instead of coming back to the pool (``put``)."""
+        for connection in self.idle.pop(member, []):
+            connection.abandon()
+        self.factories.pop(member, None)
 
     def lost(self, connection: MemberConnection) -> None:
         connections = self.idle.get(connection.member)

@@ -835,6 +835,10 @@ class HTTPFactory(Factory):
         protocol.factory = self
         return protocol
 
+    def memberRetired(self, member: Any) -> None:
+        """Called by the route when DNS discovery drops a member (issue 8)."""
+        self.pool.retire(member)
+
     def doStop(self) -> None:
         """The route stops listening (shutdown, reload): idle keep-alive connections
         close now, busy ones after their response, so the drain ends early."""
