@@ -12,13 +12,13 @@ with two savings that matter at one access line per proxied request (measured:
 Twisted's text path cost more than the rest of a small request's proxying): the
 text of an access line is one C-level ``str.format`` and a timestamp cached per
 second instead of ``string.Formatter`` and a time-zone computation per event; and,
-given the reactor, access lines are flushed at most ``ACCESS_FLUSH`` seconds after
-they are written (as nginx's ``access_log ... flush=``), by Python's own 8 KiB
-buffer in between, rather than by one ``write`` system call each: a flush per
-reactor turn still cost ~10 us of system time per request under load, where a
-turn handles one or two requests.  Every other event is written and flushed at
-once, as before, and takes the access lines before it along: no line waits
-behind an access line, and a stop's last lines flush everything.  A process
+given the reactor, access lines are kept and written together, at most
+``ACCESS_FLUSH`` seconds after the first of them or once ``ACCESS_BUFFER``
+characters wait (nginx's ``access_log ... buffer= flush=``), instead of one
+``write`` system call each: containers run Python with ``PYTHONUNBUFFERED=1``
+(our Dockerfile does), so ``sys.stdout`` writes through on every line.  Every
+other event is written at once, as before, after the access lines before it: the
+order of lines is kept, and a stop's last lines flush everything.  A process
 killed outright (SIGKILL) loses at most the last ``ACCESS_FLUSH`` seconds of
 access lines.
 """
@@ -49,8 +49,10 @@ ACCESS_FIELDS = (
     "route", "upstream", "attempts", "result", "status", "bytes_in", "bytes_out", "duration_ms",
 )
 
-#: Longest time an access line stays in the buffer (seconds).
+#: Longest time an access line waits to be written (seconds), and how many
+#: characters of access lines may wait.
 ACCESS_FLUSH = 0.1
+ACCESS_BUFFER = 64 * 1024
 
 #: The message of an access event (``RouteCore.finished``): the text line's fields.
 ACCESS_FORMAT = (
@@ -135,12 +137,12 @@ def formatJSON(event: LogEvent) -> str:
 @implementer(ILogObserver)
 class LineObserver:
     """Writes each event as the line ``formatEvent`` makes of it, like Twisted's
-    ``FileLogObserver``; given ``clock`` (the reactor), access lines are flushed
-    within ``ACCESS_FLUSH`` seconds, together, instead of one by one.
+    ``FileLogObserver``; given ``clock`` (the reactor), access lines are written
+    together, within ``ACCESS_FLUSH`` seconds, instead of one by one.
 
     Access events come from the reactor thread only (``RouteCore.finished``), which
-    ``callLater`` needs; anything else (another thread's events included) is flushed
-    at once, and flushes whatever access lines came before it.
+    ``callLater`` needs; anything else is written at once, after whatever access
+    lines wait.
     """
 
     def __init__(
@@ -152,25 +154,42 @@ class LineObserver:
         self._encoding = "utf-8" if ioType(outFile) is not str else None
         self._clock = clock
         self._flushCall: Any = None
+        self._waiting: list[str] = []
+        self._waitingSize = 0
 
     def __call__(self, event: LogEvent) -> None:
         text = self.formatEvent(event)
+        if not text:
+            return
+        if self._clock is not None and event.get("log_namespace") == ACCESS_NAMESPACE:
+            self._waiting.append(text)
+            self._waitingSize += len(text)
+            if self._waitingSize >= ACCESS_BUFFER:
+                self.flush()
+            elif self._flushCall is None:
+                self._flushCall = self._clock.callLater(ACCESS_FLUSH, self.flush)
+            return
+        if self._waiting:
+            text = "".join(self._waiting) + text
+        self._write(text)
+
+    def flush(self) -> None:
+        """Write the access lines that wait."""
+        self._write("".join(self._waiting))
+
+    def _write(self, text: str) -> None:
+        """Write ``text`` (access lines that waited come first in it) and flush."""
+        self._waiting = []
+        self._waitingSize = 0
+        call, self._flushCall = self._flushCall, None
+        if call is not None and call.active():
+            call.cancel()
         if not text:
             return
         if self._encoding is None:
             self._outFile.write(text)
         else:
             self._outFile.write(text.encode(self._encoding))
-        if self._clock is not None and event.get("log_namespace") == ACCESS_NAMESPACE:
-            if self._flushCall is None:
-                self._flushCall = self._clock.callLater(ACCESS_FLUSH, self.flush)
-        else:
-            self.flush()
-
-    def flush(self) -> None:
-        call, self._flushCall = self._flushCall, None
-        if call is not None and call.active():
-            call.cancel()
         self._outFile.flush()
 
 

@@ -138,6 +138,8 @@ def test_access_lines_are_flushed_within_access_flush_seconds() -> None:
     from ambassador.logs import ACCESS_FLUSH, textObserver
 
     class Stream(io.StringIO):
+        """Counts flushes: one per write, as PYTHONUNBUFFERED=1 stdout would."""
+
         flushes = 0
 
         def flush(self) -> None:
@@ -152,12 +154,30 @@ def test_access_lines_are_flushed_within_access_flush_seconds() -> None:
                      result="ok", status=None, bytes_in=0, bytes_out=0, duration_ms=0.0)
     for event in access:
         observer(event)
-    assert stream.getvalue().count("\n") == 3 and stream.flushes == 0
+    assert stream.getvalue() == "" and stream.flushes == 0
     clock.advance(ACCESS_FLUSH * 0.99)
     assert stream.flushes == 0
     clock.advance(ACCESS_FLUSH * 0.01)
-    assert stream.flushes == 1
+    assert stream.flushes == 1 and stream.getvalue().count("\n") == 3
     observer(access[0])
     Logger(namespace="ambassador", observer=observer).info("not an access line")
     assert stream.flushes == 2  # at once, with the access line before it
-    assert not clock.getDelayedCalls()
+    assert stream.getvalue().splitlines()[-2:][1].endswith("not an access line")
+    assert stream.getvalue().count("\n") == 5 and not clock.getDelayedCalls()
+
+
+def test_access_lines_are_written_once_a_buffer_full_waits() -> None:
+    from ambassador.logs import ACCESS_BUFFER, textObserver
+
+    stream, clock = io.StringIO(), Clock()
+    observer = textObserver(stream, clock)
+    event = {"log_namespace": "ambassador.access", "log_format": coreModule.ACCESS_FORMAT,
+             "log_level": LogLevel.info, "log_time": 0.0, "route": "r" * 1000,
+             "upstream": None, "attempts": 0, "result": "ok", "status": None, "bytes_in": 0,
+             "bytes_out": 0, "duration_ms": 0.0}
+    written = 0
+    while not stream.getvalue():
+        observer(event)
+        written += 1
+        assert written <= ACCESS_BUFFER // 1000 + 1
+    assert stream.getvalue().count("\n") == written and not clock.getDelayedCalls()
