@@ -341,6 +341,23 @@ def test_concurrent_attempts_each_time_out_on_their_own_start_plus_timeout():
     assertQuiet(core, clock)
 
 
+def test_an_attempt_whose_cancel_raises_does_not_stop_the_other_timeouts():
+    core, clock, _recorder = makeCore(attempts=1, timeout=1.0)
+
+    def broken(member: Member) -> Deferred[Any]:
+        def canceller(d: Deferred[Any]) -> None:
+            raise RuntimeError("a protocol bug")
+        return Deferred(canceller)
+
+    attempts = Attempts()
+    core.request(broken)
+    clock.advance(0.5)
+    later = core.request(attempts)
+    clock.advance(0.5)
+    clock.advance(0.5)
+    assert requestFailed(later).reason == "timeout"
+
+
 def test_a_timed_out_attempts_retry_is_watched_behind_older_attempts():
     core, clock, _recorder = makeCore(attempts=2, timeout=1.0, backoffBase=0.0)
     attempts = Attempts()

@@ -369,7 +369,10 @@ class RouteCore:
             while timeouts and timeouts[0][0] <= limit:
                 request = timeouts.popleft()[1]
                 if request is not None:
-                    request.timeUp(reasons.TIMEOUT)
+                    try:
+                        request.timeUp(reasons.TIMEOUT)
+                    except Exception:  # noqa: BLE001 - one attempt's bug must not stop the others' timeouts
+                        log.failure("route {route}: timing out an attempt", route=self.name)
         finally:
             self.firing = False
         while timeouts and timeouts[0][1] is None:
