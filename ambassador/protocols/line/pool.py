@@ -35,9 +35,6 @@ log = Logger(namespace="ambassador")
 #: connections means deeper pipelines and fewer system calls per request.
 POOL_SIZE = 4
 
-_QUEUED, _WRITTEN, _DONE = 0, 1, 2
-
-
 class Batcher:
     """Coalesces writes made while handling one burst of input into one write per
     transport: a pipelined burst of N requests costs one ``write`` on each member
@@ -61,24 +58,16 @@ class Batcher:
                     writer.flush()
 
 
-class _Slot:
-    """One request on one member connection, from queued to answered."""
-
-    __slots__ = ("cancelled", "connection", "deferred", "request", "state")
-
-    def __init__(self, request: LineRequest, connection: MemberConnection) -> None:
-        self.request = request
-        self.connection = connection
-        self.state = _QUEUED
-        self.cancelled = False
-        self.deferred: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, d: Deferred[bytes]) -> None:
-        self.connection.cancel(self)
-
-
 class MemberConnection(Protocol):
-    """One pooled connection to a member."""
+    """One pooled connection to a member.
+
+    Per request it keeps no object of its own: the attempt's Deferred goes on
+    ``inFlight`` and its request on ``requests`` (what the reply parser needs to
+    know), in write order.  Every Deferred shares the connection's one canceller, so
+    nothing refers back from a request to its connection; with tens of thousands
+    of requests in flight per second, each object less is less work for the
+    allocator and the cyclic garbage collector.
+    """
 
     transport: Any
 
@@ -86,44 +75,43 @@ class MemberConnection(Protocol):
         self.pool = pool
         self.member = member
         self.parser = pool.dialect.responseParser()
-        self.inFlight: deque[_Slot] = deque()
-        self.queued: list[_Slot] = []
+        #: Written requests awaiting their reply, oldest first, and their Deferreds.
+        self.requests: deque[LineRequest] = deque()
+        self.inFlight: deque[Deferred[bytes]] = deque()
+        #: Requests sent before the connection was made, with their Deferreds.
+        self.queued: list[tuple[Deferred[bytes], LineRequest]] = []
         self.out: list[bytes] = []
         self.dirty = False
         self.connected = False
         self.closed = False
         self.users = 0
         self.pending: Deferred[Any] | None = None
+        self.canceller = self._cancel
 
     # --- requests ----------------------------------------------------------------
 
     def send(self, request: LineRequest) -> Deferred[bytes]:
         """Write ``request`` (now, or once connected); fires with its raw reply."""
-        slot = _Slot(request, self)
-        if self.closed:
-            slot.deferred.errback(AttemptFailed(reasons.CONNECT_FAILURE, written=False))
-        elif self.connected:
-            self._write(slot)
-        else:
-            self.queued.append(slot)
-        return slot.deferred
-
-    def _write(self, slot: _Slot) -> None:
-        request = slot.request
-        self.out.append(request.raw)
-        batcher = self.pool.batcher
-        if batcher.depth:
+        d: Deferred[bytes] = Deferred(self.canceller)
+        if self.connected and not self.closed:
+            self.out.append(request.raw)
             if not self.dirty:
-                self.dirty = True
-                batcher.dirty.append(self)
+                batcher = self.pool.batcher
+                if batcher.depth:
+                    self.dirty = True
+                    batcher.dirty.append(self)
+                else:
+                    self.flush()
+            if request.expectsReply:
+                self.inFlight.append(d)
+                self.requests.append(request)
+            else:
+                d.callback(b"")
+        elif self.closed:
+            d.errback(AttemptFailed(reasons.CONNECT_FAILURE, written=False))
         else:
-            self.flush()
-        if request.expectsReply:
-            slot.state = _WRITTEN
-            self.inFlight.append(slot)
-        else:
-            slot.state = _DONE
-            slot.deferred.callback(b"")
+            self.queued.append((d, request))
+        return d
 
     def flush(self) -> None:
         self.dirty = False
@@ -133,19 +121,21 @@ class MemberConnection(Protocol):
         self.out = []
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def cancel(self, slot: _Slot) -> None:
-        """The core gave up on this attempt (its timeout, or the request went away).
+    def _cancel(self, d: Deferred[bytes]) -> None:
+        """The core gave up on the attempt ``d`` (its timeout, or the request went away).
 
         A queued request is simply dropped.  A written one will still be answered;
         its reply must be discarded, and this connection's order can no longer be
         trusted: it is closed, failing its other requests in flight (``reset``).
         """
-        if slot.state == _QUEUED:
-            if slot in self.queued:
-                self.queued.remove(slot)
-        elif slot.state == _WRITTEN:
-            slot.cancelled = True
-            self.shutdown(reasons.RESET)
+        for i, (queued, _) in enumerate(self.queued):
+            if queued is d:
+                del self.queued[i]
+                return
+        for inFlight in self.inFlight:
+            if inFlight is d:
+                self.shutdown(reasons.RESET, cancelled=d)
+                return
 
     # --- connection --------------------------------------------------------------
 
@@ -153,11 +143,22 @@ class MemberConnection(Protocol):
         self.connected = True
         _noDelay(self.transport)
         queued, self.queued = self.queued, []
+        if not queued:
+            return
         batcher = self.pool.batcher
         batcher.cork()
         try:
-            for slot in queued:
-                self._write(slot)
+            for d, request in queued:
+                # send() with this connection's Deferred rather than a new one
+                self.out.append(request.raw)
+                if not self.dirty:
+                    self.dirty = True
+                    batcher.dirty.append(self)
+                if request.expectsReply:
+                    self.inFlight.append(d)
+                    self.requests.append(request)
+                else:
+                    d.callback(b"")
         finally:
             batcher.uncork()
 
@@ -169,17 +170,17 @@ class MemberConnection(Protocol):
         parser = self.parser
         parser.feed(data)
         inFlight = self.inFlight
+        requests = self.requests
         batcher = self.pool.batcher
-        batcher.cork()
+        batcher.depth += 1
         try:
+            nextReply = parser.next
             while inFlight:
-                reply = parser.next(inFlight[0].request.kind)
+                reply = nextReply(requests[0].kind)
                 if reply is None:
                     break
-                slot = inFlight.popleft()
-                slot.state = _DONE
-                if not slot.cancelled:
-                    slot.deferred.callback(reply)
+                requests.popleft()
+                inFlight.popleft().callback(reply)
         except ProtocolError as e:
             log.warn("route {route}: {upstream} sent a malformed reply: {error}",
                      route=self.pool.routeName, upstream=self.member.upstream, error=str(e))
@@ -191,10 +192,13 @@ class MemberConnection(Protocol):
         self.connected = False
         self.shutdown(reasons.RESET)
 
-    def shutdown(self, reason: str, failure: Failure | None = None) -> None:
+    def shutdown(
+        self, reason: str, failure: Failure | None = None, cancelled: Deferred[bytes] | None = None,
+    ) -> None:
         """Take this connection out of the pool and fail every request on it:
         those written with ``reason`` (written=True: the core replays only the safe
-        ones), those never written as unwritten (always safe to replay)."""
+        ones), those never written as unwritten (always safe to replay).  The attempt
+        being ``cancelled`` (if that is why) is left for ``Deferred.cancel`` to fail."""
         if self.closed:
             return
         self.closed = True
@@ -202,21 +206,22 @@ class MemberConnection(Protocol):
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.cancel()
-        inFlight, self.inFlight = self.inFlight, deque()
+        # Emptied in place: a dataReceived loop under way holds these very deques.
+        inFlight = list(self.inFlight)
+        self.inFlight.clear()
+        self.requests.clear()
         queued, self.queued = self.queued, []
         self.out = []
         if self.transport is not None and self.connected:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-        for slot in inFlight:
-            slot.state = _DONE
-            if not slot.cancelled:
-                slot.deferred.errback(AttemptFailed(reason, written=True))
-        for slot in queued:
-            slot.state = _DONE
+        for d in inFlight:
+            if d is not cancelled:
+                d.errback(AttemptFailed(reason, written=True))
+        for d, _ in queued:
             if failure is not None and isinstance(failure.value, AttemptFailed):
-                slot.deferred.errback(failure.value)
+                d.errback(failure.value)
             else:
-                slot.deferred.errback(AttemptFailed(reasons.CONNECT_FAILURE, written=False))
+                d.errback(AttemptFailed(reasons.CONNECT_FAILURE, written=False))
 
     def close(self) -> None:
         """Close an idle connection (the route is stopping)."""

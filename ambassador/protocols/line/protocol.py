@@ -10,10 +10,10 @@ breaker, budget, balancing); this module only frames, routes and answers.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import IPlugin
@@ -58,9 +58,16 @@ def _parseBool(value: Any) -> bool:
 
 
 class _Entry:
-    """One request of an app connection, until its answer is written."""
+    """One request of an app connection, until its answer is written.
+
+    The entry is also the request's *attempt* (called by the core with the member
+    to try) and its Deferred's one callback (``settle``): no closure, bound-method
+    pair or argument tuples per request, which is most of what a pipelined request
+    used to allocate on top of the core's own objects.
+    """
 
     __slots__ = (
+        "app",
         "attempts",
         "failure",
         "parts",
@@ -72,7 +79,8 @@ class _Entry:
         "upstream",
     )
 
-    def __init__(self, request: LineRequest, started: float) -> None:
+    def __init__(self, app: LineAppProtocol, request: LineRequest, started: float) -> None:
+        self.app = app
         self.request = request
         self.started = started
         self.reply: bytes | None = None
@@ -82,6 +90,74 @@ class _Entry:
         self.parts: list[Any] | None = None
         self.partsLeft = 0
         self.failure: str | None = None
+
+    def __call__(self, member: Member) -> Deferred[bytes]:
+        """One attempt on ``member``: on this app connection's connection to it."""
+        connection = self.app.connections.get(member)
+        if connection is None or connection.closed:
+            connection = self.app.connectionTo(member)
+        return connection.send(self.request)
+
+    def settle(self, result: Outcome | Failure) -> None:
+        """The core's verdict: the member's reply, or why there is none."""
+        if isinstance(result, Failure):
+            if result.check(RequestFailed):
+                error = result.value
+                self.result = error.reason
+                self.attempts = error.attempts
+                self.upstream = error.member.upstream if error.member is not None else None
+            else:
+                self.result = reasons.PROTOCOL_ERROR
+            self.app._done(self, self.app.dialect.errorReply(self.result))
+        else:
+            self.attempts = result.attempts
+            self.upstream = result.member.upstream
+            self.app._done(self, result.value)
+
+
+class _Part:
+    """One member's share of a multi-key request split under ``balance = "hash"``:
+    its attempt, and its callback into the whole request's entry."""
+
+    __slots__ = ("entry", "index", "merge", "request")
+
+    def __init__(self, entry: _Entry, index: int, request: LineRequest, merge: Any) -> None:
+        self.entry = entry
+        self.index = index
+        self.request = request
+        self.merge = merge
+
+    def __call__(self, member: Member) -> Deferred[bytes]:
+        app = self.entry.app
+        connection = app.connections.get(member)
+        if connection is None or connection.closed:
+            connection = app.connectionTo(member)
+        return connection.send(self.request)
+
+    def settle(self, result: Outcome | Failure) -> None:
+        entry = self.entry
+        if isinstance(result, Failure):
+            if result.check(RequestFailed):
+                entry.attempts += result.value.attempts
+                reason = result.value.reason
+            else:
+                reason = reasons.PROTOCOL_ERROR
+            if entry.failure is None:
+                entry.failure = reason
+        else:
+            entry.parts[self.index] = result.value  # type: ignore[index]
+            entry.attempts += result.attempts
+            upstream = result.member.upstream
+            entry.upstream = upstream if entry.upstream is None else f"{entry.upstream},{upstream}"
+        entry.partsLeft -= 1
+        if entry.partsLeft:
+            return
+        app = entry.app
+        if entry.failure is not None:
+            entry.result = entry.failure
+            app._done(entry, app.dialect.errorReply(entry.failure))
+        else:
+            app._done(entry, self.merge(entry.parts))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -177,15 +253,27 @@ class LineAppProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        self.lastActivity = self.clock.seconds()
+        now = self.clock.seconds()
+        self.lastActivity = now
         requests = self.parser.feed(data)
         if not requests:
             return
         batcher = self.factory.batcher
-        batcher.cork()
+        batcher.depth += 1  # cork: one write per member connection for the burst
         try:
+            queue = self.queue
+            coreRequest = self.core.request
+            hashing = self.factory.hashing
             for request in requests:
-                self._submit(request)
+                entry = _Entry(self, request, now)
+                queue.append(entry)
+                if (
+                    request.error is None and request.localReply is None
+                    and (request.keys is None or not hashing)
+                ):
+                    coreRequest(entry, key=request.key, safe=request.safe).addBoth(entry.settle)
+                else:
+                    self._submitOther(entry)
                 if request.close:
                     self.closing = True
                     break
@@ -195,9 +283,9 @@ class LineAppProtocol(Protocol):
             self.paused = True
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
-    def _submit(self, request: LineRequest) -> None:
-        entry = _Entry(request, self.clock.seconds())
-        self.queue.append(entry)
+    def _submitOther(self, entry: _Entry) -> None:
+        """A request answered here, or split per member (not the common case)."""
+        request = entry.request
         if request.error is not None:
             entry.result = request.error
             self._done(entry, self.dialect.errorReply(request.error))
@@ -206,75 +294,31 @@ class LineAppProtocol(Protocol):
             self._done(entry, request.localReply)
             return
         factory = self.factory
-        if request.keys is not None and factory.hashing:
-            split = self.dialect.split(request, factory.ownerOf)
-            if split is not None:
-                parts, merge = split
-                entry.parts = [None] * len(parts)
-                entry.partsLeft = len(parts)
-                for i, part in enumerate(parts):
-                    d = self.core.request(self._attempter(part), key=part.key, safe=part.safe)
-                    d.addCallbacks(self._partAnswered, self._partFailed,
-                                   callbackArgs=(entry, i, merge), errbackArgs=(entry, i, merge))
-                return
-        d = self.core.request(self._attempter(request), key=request.key, safe=request.safe)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(entry,), errbackArgs=(entry,))
-
-    def _attempter(self, request: LineRequest) -> Callable[[Member], Any]:
-        def attempt(member: Member) -> Any:
-            connection = self.connections.get(member)
-            if connection is None or connection.closed:
-                pool = self.factory.pool
-                if connection is not None:
-                    pool.release(connection)
-                connection = pool.acquire(member)
-                if self.closed:
-                    pool.release(connection)
-                else:
-                    self.connections[member] = connection
-            return connection.send(request)
-
-        return attempt
-
-    def _answered(self, outcome: Outcome, entry: _Entry) -> None:
-        entry.attempts = outcome.attempts
-        entry.upstream = outcome.member.upstream
-        self._done(entry, outcome.value)
-
-    def _failed(self, failure: Failure, entry: _Entry) -> None:
-        if failure.check(RequestFailed):
-            error = failure.value
-            entry.result = error.reason
-            entry.attempts = error.attempts
-            entry.upstream = error.member.upstream if error.member is not None else None
-        else:
-            entry.result = reasons.PROTOCOL_ERROR
-        self._done(entry, self.dialect.errorReply(entry.result))
-
-    def _partAnswered(self, outcome: Outcome, entry: _Entry, i: int, merge: Any) -> None:
-        entry.parts[i] = outcome.value  # type: ignore[index]
-        entry.attempts += outcome.attempts
-        upstream = outcome.member.upstream
-        entry.upstream = upstream if entry.upstream is None else f"{entry.upstream},{upstream}"
-        self._partDone(entry, merge)
-
-    def _partFailed(self, failure: Failure, entry: _Entry, i: int, merge: Any) -> None:
-        reason = failure.value.reason if failure.check(RequestFailed) else reasons.PROTOCOL_ERROR
-        if failure.check(RequestFailed):
-            entry.attempts += failure.value.attempts
-        if entry.failure is None:
-            entry.failure = reason
-        self._partDone(entry, merge)
-
-    def _partDone(self, entry: _Entry, merge: Any) -> None:
-        entry.partsLeft -= 1
-        if entry.partsLeft:
+        split = self.dialect.split(request, factory.ownerOf)
+        if split is not None:
+            parts, merge = split
+            entry.parts = [None] * len(parts)
+            entry.partsLeft = len(parts)
+            for i, partRequest in enumerate(parts):
+                part = _Part(entry, i, partRequest, merge)
+                d = self.core.request(part, key=partRequest.key, safe=partRequest.safe)
+                d.addBoth(part.settle)
             return
-        if entry.failure is not None:
-            entry.result = entry.failure
-            self._done(entry, self.dialect.errorReply(entry.failure))
+        d = self.core.request(entry, key=request.key, safe=request.safe)
+        d.addBoth(entry.settle)
+
+    def connectionTo(self, member: Member) -> MemberConnection:
+        """This app connection's pooled connection to ``member``, (re)acquired."""
+        pool = self.factory.pool
+        connection = self.connections.get(member)
+        if connection is not None:
+            pool.release(connection)
+        connection = pool.acquire(member)
+        if self.closed:
+            pool.release(connection)
         else:
-            self._done(entry, merge(entry.parts))
+            self.connections[member] = connection
+        return connection
 
     # --- answers -----------------------------------------------------------------
 

@@ -145,11 +145,55 @@ def arrayItems(reply: bytes) -> list[bytes] | None:
     return items
 
 
+def _plainCommands(hashing: bool) -> dict[bytes, bool]:
+    """A cache: command names, as apps spell them, that ``classify`` passes on as
+    they are (no error, no split, no look at the other arguments), with whether each
+    is read-only.  Filled as names are first seen, up to ``_PLAIN_MAX`` of them."""
+    return _PLAIN_HASHED if hashing else _PLAIN
+
+
+_PLAIN: dict[bytes, bool] = {}
+_PLAIN_HASHED: dict[bytes, bool] = {}
+#: Bounds the caches: an app sending made-up command names cannot grow them.
+_PLAIN_MAX = 1024
+#: Commands whose classification reads more than their name.
+_LOOKS_AT_ARGS = frozenset([b"HELLO", b"QUIT", b"XREAD", b"XREADGROUP"])
+
+
+def _isPlain(name: bytes, hashing: bool) -> bool:
+    """Is every request named ``name`` (upper case) classified as plain?"""
+    if name in ALWAYS_UNSUPPORTED or name in _LOOKS_AT_ARGS:
+        return False
+    return not (hashing and (name in HASH_UNSUPPORTED or name in SCRIPTS or name in SPLIT))
+
+
+def _arguments(raw: bytes) -> list[bytes]:
+    """The arguments of one complete, well-formed RESP array of bulk strings."""
+    eol = raw.find(b"\r\n")
+    p = eol + 2
+    args = []
+    for _ in range(int(raw[1:eol])):
+        eol = raw.find(b"\r\n", p)
+        start = eol + 2
+        end = start + int(raw[p + 1:eol])
+        args.append(raw[start:end])
+        p = end + 2
+    return args
+
+
 class RedisRequestParser:
-    """Frames one app connection's RESP2 stream into requests."""
+    """Frames one app connection's RESP2 stream into requests.
+
+    The common request, an array of bulk strings naming a command that needs no
+    more than its name and first argument to route (GET, SET, INCR, HGET, ...), is
+    framed in one pass over the buffer: the lengths are checked, only the name and
+    the key are copied, and the request itself is one slice of the buffer.  Any
+    other command is parsed whole and classified by ``classify``.
+    """
 
     def __init__(self, hashing: bool) -> None:
         self.hashing = hashing
+        self.plain = _plainCommands(hashing)
         self.stream = Stream()
         self.failed = False
 
@@ -158,82 +202,97 @@ class RedisRequestParser:
             return []
         stream = self.stream
         stream.feed(data)
-        if not stream.ready:
+        if stream.size < stream.need:
             return []
         buf = stream.join()
         pos = stream.pos
         size = len(buf)
+        find = buf.find
+        plain = self.plain
         out: list[LineRequest] = []
+        need = 0  # > 0: the buffer length needed to frame the request at pos
         try:
             while pos < size:
-                if buf[pos] == 42:  # *
-                    eol = buf.find(b"\r\n", pos)
-                    if eol < 0:
-                        if size - pos > MAX_LINE:
-                            raise ProtocolError("request line too long")
-                        stream.wait(size + 1)
-                        break
-                    n = _number(buf[pos + 1:eol])
-                    if n > MAX_ARGS:
-                        raise ProtocolError("too many arguments")
-                    p = eol + 2
-                    if n <= 0:  # redis skips empty arrays too
-                        pos = p
-                        stream.consume(pos)
-                        continue
-                    args = []
-                    complete = True
-                    for _ in range(n):
-                        if p >= size:
-                            stream.wait(p + 1)
-                            complete = False
-                            break
-                        if buf[p] != 36:  # $
-                            raise ProtocolError("expected a bulk string")
-                        eol = buf.find(b"\r\n", p)
-                        if eol < 0:
-                            if size - p > MAX_LINE:
-                                raise ProtocolError("bulk header too long")
-                            stream.wait(size + 1)
-                            complete = False
-                            break
-                        length = _number(buf[p + 1:eol])
-                        if not 0 <= length <= MAX_BULK:
-                            raise ProtocolError("bad bulk length")
-                        end = eol + 2 + length
-                        if end + 2 > size:
-                            stream.wait(end + 2)
-                            complete = False
-                            break
-                        if buf[end:end + 2] != b"\r\n":
-                            raise ProtocolError("bulk string not ended by CRLF")
-                        args.append(buf[eol + 2:end])
-                        p = end + 2
-                    if not complete:
-                        break
-                    out.append(self.classify(args, buf[pos:p]))
-                    pos = p
-                    stream.consume(pos)
-                else:
-                    eol = buf.find(b"\n", pos)
+                if buf[pos] != 42:  # not *: an inline command
+                    eol = find(b"\n", pos)
                     if eol < 0:
                         if size - pos > MAX_LINE:
                             raise ProtocolError("inline request too long")
-                        stream.wait(size + 1)
+                        need = size + 1
                         break
                     args = buf[pos:eol].split()
                     pos = eol + 1
-                    stream.consume(pos)
                     if args:
                         out.append(self.classify(args, encode(args)))
+                    continue
+                eol = find(b"\r\n", pos)
+                if eol < 0:
+                    if size - pos > MAX_LINE:
+                        raise ProtocolError("request line too long")
+                    need = size + 1
+                    break
+                text = buf[pos + 1:eol]
+                n = int(text) if text.isdigit() else _number(text)
+                if n > MAX_ARGS:
+                    raise ProtocolError("too many arguments")
+                p = eol + 2
+                if n <= 0:  # redis skips empty arrays too
+                    pos = p
+                    continue
+                name = key = None
+                for i in range(n):
+                    if p >= size:
+                        need = p + 1
+                        break
+                    if buf[p] != 36:  # $
+                        raise ProtocolError("expected a bulk string")
+                    eol = find(b"\r\n", p)
+                    if eol < 0:
+                        if size - p > MAX_LINE:
+                            raise ProtocolError("bulk header too long")
+                        need = size + 1
+                        break
+                    text = buf[p + 1:eol]
+                    if not text.isdigit():
+                        raise ProtocolError("bad bulk length")
+                    start = eol + 2
+                    end = start + int(text)
+                    if end - start > MAX_BULK:
+                        raise ProtocolError("bad bulk length")
+                    if end + 2 > size:
+                        need = end + 2
+                        break
+                    if buf[end] != 13 or buf[end + 1] != 10:
+                        raise ProtocolError("bulk string not ended by CRLF")
+                    if i == 0:
+                        name = buf[start:end]
+                    elif i == 1:
+                        key = buf[start:end]
+                    p = end + 2
+                else:
+                    raw = buf[pos:p]
+                    safe = plain.get(name)  # type: ignore[arg-type]
+                    if safe is not None:
+                        out.append(LineRequest(raw, key, safe))
+                    else:
+                        out.append(self.classify(_arguments(raw), raw))
+                    pos = p
+                    continue
+                break  # incomplete
         except ProtocolError:
             self.failed = True
             out.append(LineRequest.failing(PROTOCOL_ERROR, close=True))
+            return out
+        stream.consume(pos)
+        if need:
+            stream.wait(need)
         return out
 
     def classify(self, args: list[bytes], raw: bytes) -> LineRequest:
         name = args[0].upper()
         key = args[1] if len(args) > 1 else None
+        if len(self.plain) < _PLAIN_MAX and _isPlain(name, self.hashing):
+            self.plain[args[0]] = name in READ_ONLY
         if name in ALWAYS_UNSUPPORTED:
             return LineRequest(raw, error=UNSUPPORTED, info=args)
         if name == b"HELLO" and args[1:] not in ([], [b"2"]):
@@ -270,15 +329,32 @@ class RedisResponseParser:
 
     def next(self, kind: Any) -> bytes | None:
         stream = self.stream
-        if not stream.ready:
+        if stream.size < stream.need:
             return None
         buf = stream.join()
         pos = stream.pos
-        try:
-            end = replyEnd(buf, pos)
-        except _Incomplete as e:
-            stream.wait(e.need)
-            return None
+        # The common replies (status, error, bulk string) are framed here; the rest,
+        # and anything odd or incomplete, by replyEnd.
+        end = 0
+        first = buf[pos]
+        if first == 36:  # $
+            eol = buf.find(b"\r\n", pos)
+            if eol >= 0:
+                text = buf[pos + 1:eol]
+                if text.isdigit():
+                    end = eol + 4 + int(text)
+                    if end > len(buf) or buf[end - 2] != 13 or buf[end - 1] != 10:
+                        end = 0
+        elif first == 43 or first == 45:  # + -
+            eol = buf.find(b"\r\n", pos)
+            if eol >= 0:
+                end = eol + 2
+        if end <= 0:
+            try:
+                end = replyEnd(buf, pos)
+            except _Incomplete as e:
+                stream.wait(e.need)
+                return None
         stream.consume(end)
         if pos == 0 and end == len(buf):
             return buf
