@@ -16,6 +16,12 @@ Timings are printed, never asserted: this is not a test.
 
     python bench/redis_ops.py            # ~1 min
     python bench/redis_ops.py --quick    # a smoke run
+    python bench/redis_ops.py --line-rev 5b80710~1   # also the line route as of a revision
+
+``--line-rev`` runs a second ambassador ("ambassador-REV") whose
+``ambassador/protocols/line`` is taken from that git revision and everything else
+from the working tree: a before/after of the line route in one run, under the
+same load.
 """
 
 from __future__ import annotations
@@ -54,10 +60,14 @@ def waitForPort(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def spawn(command: list[str], cpus: str | None, log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    command: list[str], cpus: str | None, log: Path, env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
     if cpus is not None and shutil.which("taskset"):
         command = ["taskset", "-c", cpus, *command]
-    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                               env=env, cwd=cwd)
     _children.append(process)
     return process
 
@@ -71,6 +81,28 @@ def _killChildren() -> None:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def lineOverlay(rev: str, tmp: Path) -> Path:
+    """A copy of the working tree's ``ambassador`` package and plugins with the line
+    route's files as of ``rev``: put first on PYTHONPATH, it runs the old line route
+    on today's core."""
+    repo = Path(__file__).resolve().parent.parent
+    root = tmp / "overlay"
+    shutil.copytree(repo / "ambassador", root / "ambassador",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "twisted", root / "twisted", ignore=shutil.ignore_patterns("__pycache__", "*.cache"))
+    line = root / "ambassador" / "protocols" / "line"
+    names = subprocess.run(["git", "-C", str(repo), "ls-tree", "--name-only", f"{rev}:ambassador/protocols/line"],
+                           capture_output=True, check=True, text=True).stdout.split()
+    for path in line.glob("*.py"):
+        path.unlink()
+    for name in names:
+        if name.endswith(".py"):
+            (line / name).write_bytes(subprocess.run(
+                ["git", "-C", str(repo), "show", f"{rev}:ambassador/protocols/line/{name}"],
+                capture_output=True, check=True).stdout)
+    return root
 
 
 def benchmark(port: int, pipeline: int, requests: int, cpus: str | None) -> dict[str, float]:
@@ -89,6 +121,8 @@ def benchmark(port: int, pipeline: int, requests: int, cpus: str | None) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--line-rev", metavar="REV",
+                        help="also run the line route as of this git revision (before/after)")
     args = parser.parse_args()
     if shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None:
         sys.exit("needs redis-server and redis-benchmark (apt-get install redis-server redis-tools)")
@@ -112,6 +146,17 @@ def main() -> None:
            str(tmp / "ambassador.toml")], proxyCpu, tmp / "ambassador.log")
     waitForPort(ambPort)
     targets["ambassador"] = ambPort
+
+    if args.line_rev:
+        overlay = lineOverlay(args.line_rev, tmp)
+        oldPort = freePort()
+        (tmp / "before.toml").write_text(
+            (tmp / "ambassador.toml").read_text().replace(f"tcp:{ambPort}", f"tcp:{oldPort}"))
+        env = dict(os.environ, PYTHONPATH=f"{overlay}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        spawn([*TWISTD, "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
+               str(tmp / "before.toml")], proxyCpu, tmp / "before.log", env=env, cwd=overlay)
+        waitForPort(oldPort)
+        targets[f"amb-{args.line_rev}"[:14]] = oldPort
 
     if shutil.which("nutcracker"):
         twemPort, statsPort = freePort(), freePort()
@@ -152,7 +197,7 @@ def main() -> None:
     print()
     for pipeline, goal in ((1, 0.3), (16, 0.5)):
         amb = results.get(("ambassador", pipeline), {})
-        for other in ("twemproxy", "direct", "haproxy-tcp"):
+        for other in ("twemproxy", "direct", "haproxy-tcp", *dict.fromkeys(t for t, _ in results if t.startswith("amb-"))):
             ref = results.get((other, pipeline))
             if not ref:
                 continue
