@@ -264,6 +264,9 @@ class Pool:
         self.size = size
         self.batcher = batcher if batcher is not None else Batcher()
         self.connections: dict[Member, list[MemberConnection]] = {}
+        #: Connections of members that DNS discovery dropped, closed once idle.
+        self.retiring: list[MemberConnection] = []
+        self.retiringCheck: Any = None
 
     def acquire(self, member: Member) -> MemberConnection:
         """A connection to ``member`` for one more app connection to stick to."""
@@ -290,8 +293,33 @@ class Pool:
         if connections is not None and connection in connections:
             connections.remove(connection)
 
+    def retire(self, member: Member) -> None:
+        """Discovery dropped ``member``: no app connection is given its connections any
+        more; each closes as soon as it has nothing in flight (checked every second,
+        off the hot path)."""
+        self.retiring.extend(self.connections.pop(member, ()))
+        self._closeRetired()
+
+    def _closeRetired(self) -> None:
+        self.retiringCheck = None
+        busy = []
+        for connection in self.retiring:
+            if connection.closed:
+                continue
+            connection.close()
+            if not connection.closed:
+                busy.append(connection)
+        self.retiring = busy
+        if busy:
+            self.retiringCheck = self.clock.callLater(1.0, self._closeRetired)
+
     def close(self) -> None:
         """Close every idle connection (the route stopped and has no app connection)."""
+        if self.retiringCheck is not None and self.retiringCheck.active():
+            self.retiringCheck.cancel()
+        self.retiringCheck = None
+        for connection in self.retiring:
+            connection.close()
         for connections in list(self.connections.values()):
             for connection in list(connections):
                 connection.close()

@@ -390,6 +390,10 @@ class LineFactory(Factory):
     def buildProtocol(self, addr: Any) -> LineAppProtocol:
         return LineAppProtocol(self)
 
+    def memberRetired(self, member: Any) -> None:
+        """Called by the route when DNS discovery drops a member (issue 8)."""
+        self.pool.retire(member)
+
     def stopFactory(self) -> None:
         """The route stopped listening: finish what each app connection asked, then close."""
         self.draining = True
