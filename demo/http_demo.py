@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import http.client
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -21,9 +20,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from report import report
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN = 19110
@@ -133,23 +133,7 @@ def main() -> int:
             server.server_close()
 
     text = logPath.read_text()
-    attempts = Counter(int(a) for a in re.findall(r"access#info\] \S+ \S+ attempts=(\d+)", text))
-    results = Counter(re.findall(r"access#info\] \S+ \S+ attempts=\d+ result=(\S+)", text))
-    breaker = re.findall(r"breaker of (\S+) is (\S+)", text)
-    print()
-    print(f"{'':24}{'ok':>6}{'failed':>8}{'success':>10}")
-    print(f"{'direct':24}{direct:>6}{CALLS - direct:>8}{direct / CALLS:>10.1%}")
-    print(f"{'through the ambassador':24}{through:>6}{CALLS - through:>8}{through / CALLS:>10.1%}")
-    print("\nwhat the ambassador did (from its access log):")
-    for n in sorted(attempts):
-        print(f"  {attempts[n]:4} requests took {n} attempt{'s' if n != 1 else ''}")
-    for result, count in sorted(results.items()):
-        print(f"  {count:4} requests ended {result}")
-    print(f"  {len(breaker)} breaker changes:")
-    for upstream, state in breaker[:8]:
-        print(f"       {upstream} -> {state}")
-    if len(breaker) > 8:
-        print(f"       ... ({len(breaker) - 8} more)")
+    report(text, direct, through, CALLS, "requests")
     print(f"full log: {logPath}")
     return 0 if through > direct else 1
 

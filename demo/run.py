@@ -15,15 +15,15 @@ breaker changes), then stops everything.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
+
+from report import report
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "conf" / "demo.toml"
@@ -124,25 +124,7 @@ def main() -> int:
             m.stopping = True
 
     text = (ROOT / "demo" / "ambassador.log").read_text()
-    attempts = Counter(int(a) for a in re.findall(r"access#info\] \S+ \S+ attempts=(\d+)", text))
-    results = Counter(re.findall(r"access#info\] \S+ \S+ attempts=\d+ result=(\S+)", text))
-    breaker = re.findall(r"breaker of (\S+) is (\S+)", text)
-
-    print()
-    print(f"{'':24}{'ok':>6}{'failed':>8}{'success':>10}")
-    print(f"{'direct':24}{direct:>6}{CALLS - direct:>8}{direct / CALLS:>10.1%}")
-    print(f"{'through the ambassador':24}{through:>6}{CALLS - through:>8}{through / CALLS:>10.1%}")
-    print()
-    print("what the ambassador did (from its access log):")
-    for n in sorted(attempts):
-        print(f"  {attempts[n]:4} calls took {n} attempt{'s' if n > 1 else ''}")
-    for result, count in sorted(results.items()):
-        print(f"  {count:4} calls ended {result}")
-    print(f"  {len(breaker)} breaker changes:")
-    for upstream, state in breaker[:12]:
-        print(f"       {upstream} -> {state}")
-    if len(breaker) > 12:
-        print(f"       ... ({len(breaker) - 12} more)")
+    report(text, direct, through, CALLS, "calls")
     print(f"\nexit status of the ambassador after SIGTERM: {ambassador.returncode}")
     print("full log: demo/ambassador.log")
     return 0 if through > direct else 1
