@@ -40,7 +40,7 @@ MAX_DATA = 1024 * 1024 * 1024
 
 
 def _number(text: bytes) -> int:
-    if not text.isdigit():
+    if not text.isdigit() or len(text) > 20:  # int() refuses 4300+ digits with a ValueError
         raise ProtocolError(f"not a number: {text[:20]!r}")
     return int(text)
 

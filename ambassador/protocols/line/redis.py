@@ -68,8 +68,8 @@ _OK = b"+OK\r\n"
 
 def _number(text: bytes) -> int:
     """A strict decimal integer (``int()`` would take spaces, ``+`` and ``_``)."""
-    if text.isdigit() or (text[:1] == b"-" and text[1:].isdigit()):
-        return int(text)
+    if len(text) <= 20 and (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())):
+        return int(text)  # (int() refuses over 4300 digits with a ValueError)
     raise ProtocolError(f"not a number: {text[:20]!r}")
 
 
@@ -279,7 +279,7 @@ class RedisRequestParser:
                     pos = p
                     continue
                 break  # incomplete
-        except ProtocolError:
+        except (ProtocolError, ValueError):  # ValueError: int() of a length with 4300+ digits
             self.failed = True
             out.append(LineRequest.failing(PROTOCOL_ERROR, close=True))
             return out
@@ -341,7 +341,7 @@ class RedisResponseParser:
             eol = buf.find(b"\r\n", pos)
             if eol >= 0:
                 text = buf[pos + 1:eol]
-                if text.isdigit():
+                if text.isdigit() and len(text) <= 20:
                     end = eol + 4 + int(text)
                     if end > len(buf) or buf[end - 2] != 13 or buf[end - 1] != 10:
                         end = 0
