@@ -256,6 +256,9 @@ class AmbassadorService(MultiService):
             parent.setComponent(ILogObserver, self.logObserver)
 
     def privilegedStartService(self) -> None:
+        from ambassador.filelimit import raiseLimit
+
+        raiseLimit(self.config.routes)  # before binding: every route may reach max_connections
         try:
             MultiService.privilegedStartService(self)
         except ListenFailed as e:

@@ -182,11 +182,14 @@ class Wrapper(Service):
                 problem = "not executable"
             self._cannotStart(f"{name}: {problem}")
             return
+        from ambassador.filelimit import childLimit
+
         try:
-            self.process = self.reactor.spawnProcess(
-                _Command(self), executable, self.command, env=environment,
-                childFDs={0: 0, 1: 1, 2: 2},
-            )
+            with childLimit():  # CMD gets the open-file limit we were started with
+                self.process = self.reactor.spawnProcess(
+                    _Command(self), executable, self.command, env=environment,
+                    childFDs={0: 0, 1: 1, 2: 2},
+                )
         except OSError as e:
             self._cannotStart(f"{name}: {e.strerror or e}")
             return
