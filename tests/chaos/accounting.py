@@ -1,0 +1,81 @@
+"""Accounting helpers for the chaos suite: what a process holds, what the admin reports.
+
+The chaos tests judge the ambassador from outside, as an operator would: its file
+descriptors and memory from /proc, its counters from the admin ``/metrics`` page.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import time
+from collections.abc import Callable
+
+#: ``name{label="value",...} 1.5`` (labels optional), the Prometheus text format.
+_SAMPLE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def fdCount(pid: int) -> int:
+    """How many file descriptors ``pid`` holds open (len of /proc/PID/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rssBytes(pid: int) -> int:
+    """The resident set size of ``pid`` (VmRSS of /proc/PID/status), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def parseMetrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of a Prometheus text page, keyed by (name, frozenset of label pairs)."""
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        name, labels, value = match.groups()
+        pairs = frozenset(
+            (key, raw.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\"))
+            for key, raw in _LABEL.findall(labels or "")
+        )
+        samples[(name, pairs)] = float(value)
+    return samples
+
+
+def scrapeMetrics(adminPort: int, timeout: float = 5.0) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET the admin ``/metrics`` on 127.0.0.1:adminPort and parse it."""
+    conn = http.client.HTTPConnection("127.0.0.1", adminPort, timeout=timeout)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read().decode()
+        if response.status != 200:
+            raise AssertionError(f"/metrics answered {response.status}: {body[:200]}")
+    finally:
+        conn.close()
+    return parseMetrics(body)
+
+
+def metricSum(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of every ``name`` sample whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(value for (n, pairs), value in samples.items() if n == name and wanted <= pairs)
+
+
+def waitUntil(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
+    """Poll ``predicate`` until it returns something true; raise TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)
