@@ -143,7 +143,9 @@ def test_redis_safety_keys_and_splitting() -> None:
 
 # --- memcached ----------------------------------------------------------------------
 
-key = st.binary(min_size=1, max_size=20).filter(lambda b: b.split() == [b] and b"\x80" not in b[:1])
+# (memcached reads a line as a C string: a key with NUL is no key, see memcached.py)
+key = st.binary(min_size=1, max_size=20).filter(
+    lambda b: b.split() == [b] and b"\x80" not in b[:1] and b"\x00" not in b)
 
 
 @st.composite

@@ -14,6 +14,7 @@ everything else is one line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,14 @@ TOUCH_RETRIEVAL = frozenset([b"gat", b"gats"])
 _ERRORS = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
 _END = b"END\r\n"
 MAX_DATA = 1024 * 1024 * 1024
+#: memcached's KEY_MAX_LENGTH.
+MAX_KEY = 250
+#: Bytes on which memcached and ``bytes.split`` tokenize a line differently: memcached
+#: splits on spaces only and reads the line as a C string (cut at NUL).  A storage
+#: command the two read differently would leave its data block to be run as commands,
+#: and the pooled member connection's replies out of step for every app on it (other
+#: commands are one line and get one reply line either way).
+_TOKENIZED_APART = re.compile(rb"[\x00\t\n\x0b\x0c\r]")
 
 
 def _number(text: bytes) -> int:
@@ -46,7 +55,7 @@ def _number(text: bytes) -> int:
 
 
 def _signed(text: bytes) -> bytes:
-    if not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())):
+    if len(text) > 21 or not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())):
         raise ProtocolError(f"not a number: {text[:20]!r}")
     return text
 
@@ -125,13 +134,21 @@ class MemcachedRequestParser:
         noreply = len(tokens) == fields + 1
         if noreply and tokens[-1] != b"noreply":
             raise ProtocolError("bad noreply")
-        _number(tokens[2])
-        _signed(tokens[3])
+        # Fields memcached refuses without reading the data block are refused here
+        # too (it would run the block as commands: see _TOKENIZED_APART).
+        if _TOKENIZED_APART.search(line) is not None:
+            raise ProtocolError("NUL or whitespace other than spaces in a storage command")
+        if len(tokens[1]) > MAX_KEY:
+            raise ProtocolError("key longer than 250 bytes")
+        if _number(tokens[2]) > 0xFFFFFFFF:
+            raise ProtocolError("flags over 32 bits")
+        if not -(2**63) <= int(_signed(tokens[3])) < 2**63:
+            raise ProtocolError("exptime out of range")
         length = _number(tokens[4])
         if length > MAX_DATA:
             raise ProtocolError("data block too large")
-        if fields == 6:
-            _number(tokens[5])
+        if fields == 6 and _number(tokens[5]) >= 2**64:
+            raise ProtocolError("cas unique over 64 bits")
         end = dataStart + length
         if end + 2 > len(buf):
             return None, end + 2
