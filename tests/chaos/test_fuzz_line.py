@@ -1,0 +1,430 @@
+"""The line dialects' parsers under garbage, and a real twistd line route fed garbage
+(issue 9; SPEC §4/line: "A malformed request gets the error reply with reason
+``protocol-error``, then the connection closes").
+
+``tests/test_line_parsers.py`` already checks that any split of a *valid* stream frames
+the same and that uniformly random bytes do not crash a request parser.  Random bytes
+rarely get past the first byte of a RESP or memcached parser, so the garbage here is
+built from the dialects' own tokens (``*``, ``$``, lengths, huge and negative numbers,
+command names, line ends), which reaches every branch: lengths of thousands of digits,
+negative bulk lengths, storage commands with out-of-range fields, ...
+
+Properties:
+
+- a request or reply parser raises nothing but the dialect's ``ProtocolError`` (reply
+  parsers) or answers it with a ``protocol-error`` request (request parsers), however
+  the bytes are split, and frames the same whatever the split;
+- it never returns an empty reply (a caller looping on ``next`` would spin) and never
+  takes more bytes than it was given; every call returns within a bound (SIGALRM);
+- the real twistd answers a garbage stream with exactly one reply per request its
+  dialect framed, in order (the member's, or the ambassador's error reply), closes
+  after ``protocol-error``, and keeps serving with the same pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from ambassador.config import Route
+from ambassador.protocols.line import LineRequest, ProtocolError
+from ambassador.protocols.line.memcached import LINE, STATS, VALUES, memcachedDialect
+from ambassador.protocols.line.plain import plainDialect
+from ambassador.protocols.line.redis import _Incomplete, encode, redisDialect, replyEnd
+
+ROUTE = Route(name="r", protocol="line", listen="tcp:1", upstreams=("tcp:h:1",))
+HASHED = Route(name="r", protocol="line", listen="tcp:1", upstreams=("tcp:h:1",), balance="hash")
+
+#: A parser call that takes longer than this is taken for an endless loop.
+CALL_BOUND = 5
+
+
+@contextlib.contextmanager
+def bounded(seconds: int = CALL_BOUND) -> Iterator[None]:
+    """Fail (instead of hanging CI) when the block runs longer than ``seconds``."""
+
+    def expired(signum, frame):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"a parser call ran over {seconds}s: an endless loop?")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def splitAt(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return pieces
+
+
+def frameRequests(parser, pieces: list[bytes]) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """Feed the pieces; the framed requests as comparable tuples.  Checks on the way
+    that nothing follows a closing request and that no request is made of more bytes
+    than were fed."""
+    out: list[LineRequest] = []
+    closed = False
+    fed = 0
+    with bounded():
+        for piece in pieces:
+            fed += len(piece)
+            got = parser.feed(piece)
+            assert isinstance(got, list)
+            for request in got:
+                assert isinstance(request, LineRequest)
+                assert not closed, "a request framed after one that closes the connection"
+                closed = closed or request.close
+            out.extend(got)
+    assert sum(len(r.raw) for r in out if r.error is None and r.localReply is None) <= fed * 2 + 16
+    return [(r.raw, r.key, r.safe, r.kind, r.expectsReply, r.error, r.close, r.localReply) for r in out]
+
+
+def frameReplies(parser, pieces: list[bytes], kinds: list) -> tuple[list[bytes], bool]:  # type: ignore[no-untyped-def]
+    """Feed the pieces, taking replies of ``kinds`` in turn: (replies, raised ProtocolError)."""
+    replies: list[bytes] = []
+    kinds = list(kinds)
+    fed = b""
+    with bounded():
+        try:
+            for piece in pieces:
+                parser.feed(piece)
+                fed += piece
+                while kinds:
+                    reply = parser.next(kinds[0])
+                    if reply is None:
+                        break
+                    assert reply, "an empty reply: a caller looping on next() would spin"
+                    replies.append(reply)
+                    kinds.pop(0)
+        except ProtocolError:
+            return replies, True
+    assert fed.startswith(b"".join(replies))
+    return replies, False
+
+
+# --- structured garbage ---------------------------------------------------------------
+
+HUGE = b"9" * 5000  # more digits than int() converts (sys.get_int_max_str_digits)
+RESP_TOKENS = [
+    b"*", b"$", b":", b"+", b"-", b"\r\n", b"\n", b"\r", b" ", b"\t", b"0", b"1", b"2", b"3",
+    b"-1", b"-2", b"10", b"99999999999999999999", HUGE, b"PING", b"GET", b"SET", b"INCR",
+    b"MGET", b"EVAL", b"HELLO", b"QUIT", b"k", b"v", b"\x00", b"\xff", b"\"", b"'", b"{",
+]
+MC_TOKENS = [
+    b"get", b"gets", b"gat", b"set", b"add", b"cas", b"append", b"ms", b"mg", b"delete",
+    b"incr", b"decr", b"touch", b"version", b"stats", b"quit", b"noreply", b"VALUE", b"END",
+    b"STAT", b"STORED", b"ERROR", b"SERVER_ERROR", b" ", b" ", b"\r\n", b"\n", b"\t", b"0",
+    b"1", b"5", b"-1", b"4294967296", b"99999999999999999999", HUGE, b"k", b"key", b"x" * 300,
+    b"\x00", b"\x80", b"\xff",
+]
+
+
+def garbage(tokens: list[bytes]) -> st.SearchStrategy[bytes]:
+    piece = st.one_of(st.sampled_from(tokens), st.binary(max_size=8))
+    return st.lists(piece, max_size=40).map(b"".join)
+
+
+respGarbage = garbage(RESP_TOKENS)
+mcGarbage = garbage(MC_TOKENS)
+cuts = st.lists(st.integers(0, 10**6), max_size=12)
+replyKinds = st.lists(st.sampled_from([VALUES, LINE, STATS]), min_size=1, max_size=12)
+
+redisCommand = st.lists(st.binary(max_size=20), min_size=1, max_size=4).map(
+    lambda args: encode([b"ECHO", *args[:1]]) if len(args) == 1 else encode([b"SET", *args[:2]])
+)
+mcKey = st.binary(min_size=1, max_size=20).filter(
+    lambda b: b.split() == [b] and b[:1] != b"\x80" and b"\x00" not in b)
+mcCommand = st.one_of(
+    mcKey.map(lambda k: b"get " + k + b"\r\n"),
+    st.tuples(mcKey, st.binary(max_size=20)).map(
+        lambda kv: b"set %s 0 0 %d\r\n%s\r\n" % (kv[0], len(kv[1]), kv[1])),
+)
+
+#: Requests that must end in protocol-error (SPEC §4/line), found by review and fuzzing.
+REDIS_MALFORMED = [
+    b"*1\r\n:12\r\n",
+    b"*x\r\n",
+    b"*" + HUGE + b"\r\n",
+    b"*1\r\n$" + HUGE + b"\r\n",
+    b"*2\r\n$4\r\nPING\r\n$-3\r\n",
+    b"*1\r\n$4\r\nPINGxx\r\n",
+]
+MC_MALFORMED = [
+    b"set k 0 0 notanumber\r\n",
+    b"set k 0 0 " + HUGE + b"\r\n",
+    b"set k " + HUGE + b" 0 1\r\nx\r\n",
+    b"cas k 0 0 1 " + HUGE + b"\r\nx\r\n",
+    b"set k 0 0 1\r\nxyz\r\n",
+    b"get\r\n",
+    b"\x80\x00\x00\x00",
+    # storage commands memcached refuses without reading their data block, which it
+    # would then run as commands: the pooled member connection's replies out of step
+    b"set \x00 0 0 1\r\nx\r\n",
+    b"set k\t0 0 1\r\nx\r\n",
+    b"set k 0 0\x0b1\r\nx\r\n",
+    b"set " + b"x" * 251 + b" 0 0 1\r\nx\r\n",
+    b"set k 4294967296 0 1\r\nx\r\n",
+    b"set k 0 9223372036854775808 1\r\nx\r\n",
+    b"cas k 0 0 1 18446744073709551616\r\nx\r\n",
+]
+
+
+# --- parsers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", REDIS_MALFORMED, ids=lambda d: repr(d[:24]))
+def test_redis_malformed_requests_are_protocol_errors(data: bytes) -> None:
+    for route in (ROUTE, HASHED):
+        framed = frameRequests(redisDialect.requestParser(route), [encode([b"PING"]) + data])
+        assert framed[0][0] == encode([b"PING"])
+        assert framed[-1][5:7] == ("protocol-error", True)
+
+
+@pytest.mark.parametrize("data", MC_MALFORMED, ids=lambda d: repr(d[:24]))
+def test_memcached_malformed_requests_are_protocol_errors(data: bytes) -> None:
+    for route in (ROUTE, HASHED):
+        framed = frameRequests(memcachedDialect.requestParser(route), [b"version\r\n" + data])
+        assert framed[0][0] == b"version\r\n"
+        assert framed[-1][5:7] == ("protocol-error", True)
+
+
+def test_huge_numbers_in_replies_are_protocol_errors() -> None:
+    for data in (b":" + HUGE + b"\r\n", b"$" + HUGE + b"\r\n", b"*" + HUGE + b"\r\n"):
+        assert frameReplies(redisDialect.responseParser(), [data], [None]) == ([], True)
+    data = b"VALUE k 0 " + HUGE + b"\r\n"
+    assert frameReplies(memcachedDialect.responseParser(), [data], [VALUES]) == ([], True)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(redisCommand, max_size=4), respGarbage, cuts, st.booleans())
+@example([], b"*" + HUGE + b"\r\n", [], False)
+@example([], b"*1\r\n$" + HUGE + b"\r\n", [3], True)
+@example([], b"*3\r\n$4\r\nEVAL\r\n$1\r\ns\r\n$5000\r\n" + HUGE + b"\r\n", [], True)
+def test_redis_request_garbage_frames_the_same_however_split(valid, junk, cutPoints, hashed) -> None:
+    route = HASHED if hashed else ROUTE
+    data = b"".join(valid) + junk
+    whole = frameRequests(redisDialect.requestParser(route), [data])
+    assert frameRequests(redisDialect.requestParser(route), splitAt(data, cutPoints)) == whole
+    # garbage after complete requests never takes them down with it
+    assert [r[0] for r in whole[:len(valid)]] == valid
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(mcCommand, max_size=4), mcGarbage, cuts, st.booleans())
+@example([], b"set k 0 0 " + HUGE + b"\r\n", [], False)
+@example([], b"ms k " + HUGE + b"\r\n", [], False)
+def test_memcached_request_garbage_frames_the_same_however_split(valid, junk, cutPoints, hashed) -> None:
+    route = HASHED if hashed else ROUTE
+    data = b"".join(valid) + junk
+    whole = frameRequests(memcachedDialect.requestParser(route), [data])
+    assert frameRequests(memcachedDialect.requestParser(route), splitAt(data, cutPoints)) == whole
+    assert [r[0] for r in whole[:len(valid)]] == valid
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.binary(max_size=200).map(lambda b: b + b"\n"), cuts)
+def test_plain_garbage_frames_the_same_however_split(junk, cutPoints) -> None:
+    whole = frameRequests(plainDialect.requestParser(ROUTE), [junk])
+    assert frameRequests(plainDialect.requestParser(ROUTE), splitAt(junk, cutPoints)) == whole
+    assert b"".join(r[0] for r in whole) == junk
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(respGarbage, cuts)
+@example(b":" + HUGE + b"\r\n", [])
+@example(b"$" + HUGE + b"\r\n", [2])
+def test_redis_reply_garbage_frames_the_same_however_split(junk, cutPoints) -> None:
+    kinds = [None] * 12
+    whole = frameReplies(redisDialect.responseParser(), [junk], kinds)
+    split = frameReplies(redisDialect.responseParser(), splitAt(junk, cutPoints), kinds)
+    assert split == whole
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(mcGarbage, replyKinds, cuts)
+@example(b"VALUE k 0 " + HUGE + b"\r\n", [VALUES], [])
+def test_memcached_reply_garbage_frames_the_same_however_split(junk, kinds, cutPoints) -> None:
+    whole = frameReplies(memcachedDialect.responseParser(), [junk], kinds)
+    split = frameReplies(memcachedDialect.responseParser(), splitAt(junk, cutPoints), kinds)
+    assert split == whole
+
+
+# --- the real twistd -------------------------------------------------------------------
+
+from harness import Ambassador, freePort  # noqa: E402
+from redis_peer import memcachedServer, redisServer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lineRoutes(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One twistd with a redis and a memcached route to real servers, for every example."""
+    tmp = tmp_path_factory.mktemp("fuzzline")
+    redisMember, mcMember = redisServer(), memcachedServer()
+    redisPort, mcPort = freePort(), freePort()
+    config = (
+        '[defaults]\ntimeout = "2s"\ndeadline = "4s"\n'
+        '[[route]]\nname = "fuzzredis"\nprotocol = "line"\ndialect = "redis"\n'
+        f'listen = "tcp:{redisPort}"\nupstreams = ["{redisMember.address}"]\naccess_log = false\n'
+        '[[route]]\nname = "fuzzmc"\nprotocol = "line"\ndialect = "memcached"\n'
+        f'listen = "tcp:{mcPort}"\nupstreams = ["{mcMember.address}"]\naccess_log = false\n'
+    )
+    amb = Ambassador(tmp, config=config)
+    try:
+        yield amb, redisPort, mcPort
+    finally:
+        amb.stop()
+        redisMember.stop()
+        mcMember.stop()
+
+
+def exchange(port: int, data: bytes, timeout: float = 8.0) -> bytes:
+    """Send ``data``, half-close, and read until the ambassador closes (bounded)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = []
+        end = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < end, f"no close after {timeout}s: {b''.join(received)[:300]!r}"
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received.append(chunk)
+        return b"".join(received)
+    finally:
+        sock.close()
+
+
+def redisReplyAt(data: bytes, pos: int) -> int:
+    try:
+        return replyEnd(data, pos)
+    except _Incomplete:
+        raise AssertionError(f"an incomplete reply at {pos}: {data[pos:pos + 200]!r}") from None
+
+
+def checkAnswers(dialect, route, data: bytes, answer: bytes) -> None:  # type: ignore[no-untyped-def]
+    """``answer`` holds exactly one reply per request that ``dialect`` frames in ``data``
+    (none for memcached noreply), in order, and the ambassador's own replies where it
+    answers itself."""
+    requests = []
+    parser = dialect.requestParser(route)
+    requests = parser.feed(data)
+    replies = dialect.responseParser()
+    replies.feed(answer)
+    pos = 0
+    for i, request in enumerate(requests):
+        if request.error is not None:
+            expected = dialect.errorReply(request.error)
+            assert answer[pos:pos + len(expected)] == expected, (i, request, answer[pos:pos + 200])
+            pos += len(expected)
+        elif request.localReply is not None:
+            assert answer[pos:pos + len(request.localReply)] == request.localReply
+            pos += len(request.localReply)
+        elif not request.expectsReply:
+            continue
+        elif dialect is redisDialect:
+            pos = redisReplyAt(answer, pos)
+        else:
+            replies = dialect.responseParser()
+            replies.feed(answer[pos:])
+            reply = replies.next(request.kind)
+            assert reply is not None, (i, request, answer[pos:pos + 200])
+            pos += len(reply)
+    assert answer[pos:] == b"", (
+        f"{len(requests)} requests, answer has more: {answer[pos:pos + 200]!r}"
+    )
+
+
+def stillServing(amb: Ambassador, pid: int, redisPort: int, mcPort: int) -> None:
+    assert amb.process.poll() is None and amb.process.pid == pid
+    assert exchange(redisPort, b"PING\r\n") == b"+PONG\r\n"
+    assert exchange(mcPort, b"version\r\n").startswith(b"VERSION ")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(redisCommand, max_size=3), respGarbage)
+@example([], b"*1\r\n$" + HUGE + b"\r\n")
+def test_garbage_to_a_real_redis_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
+    amb, redisPort, mcPort = lineRoutes
+    data = b"".join(valid) + junk
+    answer = exchange(redisPort, data)
+    checkAnswers(redisDialect, ROUTE, data, answer)
+    stillServing(amb, amb.process.pid, redisPort, mcPort)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(mcCommand, max_size=3), mcGarbage)
+@example([], b"set k 0 0 " + HUGE + b"\r\n")
+def test_garbage_to_a_real_memcached_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
+    amb, redisPort, mcPort = lineRoutes
+    data = b"".join(valid) + junk
+    answer = exchange(mcPort, data)
+    checkAnswers(memcachedDialect, ROUTE, data, answer)
+    stillServing(amb, amb.process.pid, redisPort, mcPort)
+
+
+@pytest.mark.parametrize("data", REDIS_MALFORMED, ids=lambda d: repr(d[:24]))
+def test_malformed_redis_request_to_real_route_gets_protocol_error_and_close(lineRoutes, data) -> None:
+    amb, redisPort, mcPort = lineRoutes
+    pid = amb.process.pid
+    sock = socket.create_connection(("127.0.0.1", redisPort), timeout=5)
+    try:
+        sock.sendall(b"PING\r\n" + data)  # no half-close: the ambassador must close by itself
+        answer = b""
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        else:
+            raise AssertionError(f"not closed: {answer!r}")
+    finally:
+        sock.close()
+    assert answer == b"+PONG\r\n-ERR ambassador protocol-error\r\n"
+    stillServing(amb, pid, redisPort, mcPort)
+
+
+@pytest.mark.parametrize("data", MC_MALFORMED, ids=lambda d: repr(d[:24]))
+def test_malformed_memcached_request_to_real_route_gets_protocol_error_and_close(lineRoutes, data) -> None:
+    amb, redisPort, mcPort = lineRoutes
+    pid = amb.process.pid
+    sock = socket.create_connection(("127.0.0.1", mcPort), timeout=5)
+    try:
+        sock.sendall(b"version\r\n" + data)
+        answer = b""
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        else:
+            raise AssertionError(f"not closed: {answer!r}")
+    finally:
+        sock.close()
+    assert answer.startswith(b"VERSION ")
+    assert answer.endswith(b"\r\nSERVER_ERROR ambassador protocol-error\r\n")
+    assert answer.count(b"\r\n") == 2
+    stillServing(amb, pid, redisPort, mcPort)
