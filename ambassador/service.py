@@ -274,6 +274,9 @@ class AmbassadorService(MultiService):
     def startService(self) -> None:
         MultiService.startService(self)
         _tuneCollector()
+        from ambassador.dispatch import streamlineDispatch
+
+        streamlineDispatch(self.reactor)
         # twistd re-raises SIGTERM/SIGINT after shutdown (app._exitWithSignal), which
         # would make a clean drain exit 143; SPEC §7 wants exit 0 after a drain.
         self.reactor.addSystemEventTrigger("after", "shutdown", self._exitCleanly)
