@@ -132,3 +132,33 @@ def test_idempotent_only_for_the_generic_dialect(tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match='route "c": key "idempotent"'):
         loadConfig(str(path))
+
+
+def test_coalesced_writes_go_out_once_per_reactor_iteration() -> None:
+    """With ``coalesce`` (what the plugin builds), the requests of several app
+    connections read in one reactor iteration share one write to their member
+    connection, made when the iteration's calls run (``callLater(0)``)."""
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    route = _route()
+    core = RouteCore(route, clock, lambda upstream: endpoint, [Records()], random=lambda: 1.0)
+    factory = LineFactory(route, core, clock, redisDialect, coalesce=True)
+    factory.pool.size = 1
+    apps = []
+    for _ in range(3):
+        app = factory.buildProtocol(None)
+        app.makeConnection(StringTransport())
+        apps.append(app)
+    for i, app in enumerate(apps):
+        app.dataReceived(encode([b"GET", b"k%d" % i]))
+    (member,) = endpoint.protocols
+    writes: list[bytes] = []
+    member.transport.write = writes.append  # type: ignore[method-assign]
+    member.write = writes.append
+    assert writes == []  # nothing yet: the iteration is still handing out input
+    clock.advance(0)
+    assert writes == [b"".join(encode([b"GET", b"k%d" % i]) for i in range(3))]
+    member.dataReceived(b"$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n")
+    assert [app.transport.value() for app in apps] == [b""] * 3  # answers wait too
+    clock.advance(0)
+    assert [app.transport.value() for app in apps] == [b"$1\r\na\r\n", b"$1\r\nb\r\n", b"$1\r\nc\r\n"]

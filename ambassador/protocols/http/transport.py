@@ -29,6 +29,7 @@ def writeNow(transport: Any, data: bytes) -> None:
         and not transport._tempDataBuffer
         and transport.connected
         and not transport._writeDisconnected
+        and not getattr(transport, "_aborting", False)
     ):
         try:
             sent = transport.socket.send(data)

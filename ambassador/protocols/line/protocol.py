@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ambassador.interfaces import ILineDialect, IRouteProtocol, RouteOption
+from ambassador.protocols.http.transport import writerFor
 from ambassador.protocols.line import LineRequest
 from ambassador.protocols.line.pool import Batcher, MemberConnection, Pool, _noDelay
 from ambassador.resilience import reasons
@@ -197,6 +198,7 @@ class LineAppProtocol(Protocol):
             return
         self.admitted = True
         _noDelay(self.transport)
+        self.write = writerFor(self.transport)
         self.factory.apps.add(self)
         self.parser = self.dialect.requestParser(self.core.route)
         self.idleCall = self.clock.callLater(self.core.route.idleTimeout, self._idleCheck)
@@ -357,7 +359,7 @@ class LineAppProtocol(Protocol):
             return
         if out:
             self.lastActivity = now
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.write(out[0] if len(out) == 1 else b"".join(out))
         if close or (self.closing and not queue):
             queue.clear()
             self.transport.loseConnection()
@@ -371,13 +373,19 @@ class LineFactory(Factory):
 
     noisy = False
 
-    def __init__(self, route: Any, core: RouteCore, clock: IReactorTime, dialect: Any) -> None:
+    def __init__(
+        self, route: Any, core: RouteCore, clock: IReactorTime, dialect: Any,
+        coalesce: bool = False,
+    ) -> None:
+        """@param coalesce: write at the end of each reactor iteration (see
+            ``Batcher``); off, writes go out when each burst is handled, which is
+            what tests driving a ``task.Clock`` by hand expect."""
         self.route = route
         self.core = core
         self.clock = clock
         self.dialect = dialect
         self.hashing = route.balance == "hash"
-        self.batcher = Batcher()
+        self.batcher = Batcher(clock.callLater if coalesce else None)
         self.pool = Pool(dialect, clock, route.connectTimeout, route.name, batcher=self.batcher)
         self.apps: set[LineAppProtocol] = set()
         self.draining = False
@@ -427,7 +435,7 @@ class LineRouteProtocol:
 
     def buildFactory(self, route: Any, core: RouteCore, reactor: Any) -> LineFactory:
         dialect = lineDialects()[route.options.get("dialect", "line")]
-        return LineFactory(route, core, reactor, dialect)
+        return LineFactory(route, core, reactor, dialect, coalesce=True)
 
 
 lineProtocol = LineRouteProtocol()
