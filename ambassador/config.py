@@ -141,6 +141,8 @@ def _number(minimum: float) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"must be a number, not {value!r}")
+        if isinstance(value, int) and value > 2**53:
+            raise ValueError(f"must be a number up to {2**53}, not {value}")
         if not value >= minimum or value == float("inf"):
             raise ValueError(f"must be a number >= {minimum}, not {value}")
         return float(value)
@@ -271,7 +273,7 @@ class _Errors:
         parts = [self.source]
         if where:
             parts.append(where)
-        if key:
+        if key is not None:  # (an empty key too: TOML allows "" = 1)
             parts.append(f'key "{key}"')
         parts.append(message)
         self.messages.append(": ".join(parts))
@@ -526,7 +528,7 @@ def loadConfig(
                 document = tomllib.load(f)
         except OSError as e:
             raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8
             raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
 
     for key in document:

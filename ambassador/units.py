@@ -15,6 +15,8 @@ def parseDuration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 5, \"250ms\" or \"2s\", not a boolean")
     if isinstance(value, (int, float)):
+        if isinstance(value, int) and abs(value) > 2**53:
+            raise ValueError(f"must be a duration of at most {2**53} seconds, not {value}")
         seconds = float(value)
     elif isinstance(value, str):
         match = _DURATION.match(value)
@@ -40,7 +42,10 @@ def parseSize(value: object) -> int:
         match = _SIZE.match(value)
         if match is None:
             raise ValueError(f"{value!r} is not a size (a number of bytes, or a number with KiB, MiB or GiB)")
-        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+        if size == float("inf"):
+            raise ValueError(f"{value!r} is too large a size")
+        size = int(size)
     else:
         raise ValueError(f"must be a size such as 65536 or \"1MiB\", not {type(value).__name__}")
     if size < 0:
