@@ -417,7 +417,9 @@ class Reloader(Service):
 
     def _relisten(self, old: RouteService) -> None:
         """Bind a route again whose port a failed reload had already closed."""
-        endpoint = serverFromString(self.reactor, old.route.listen)
+        from ambassador.endpoints import withBacklog
+
+        endpoint = serverFromString(self.reactor, withBacklog(old.route.listen))
         d = endpoint.listen(old.switch)
 
         def listening(port: Any) -> None:

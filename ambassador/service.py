@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from ambassador.config import Config, DNSConfig, Route
 from ambassador.discovery import endpointString
+from ambassador.endpoints import withBacklog
 from ambassador.resilience.core import RouteCore, isDiscovered
 from ambassador.upstream import memberEndpoint
 
@@ -52,7 +53,7 @@ class RouteService(Service):
         """Bind now, synchronously where the endpoint allows, so that a port in use
         stops the process before it reports itself started."""
         Service.privilegedStartService(self)
-        endpoint = serverFromString(self.reactor, self.route.listen)
+        endpoint = serverFromString(self.reactor, withBacklog(self.route.listen))
         failures: list[Any] = []
         d = endpoint.listen(self.switch)
         d.addCallbacks(self._listening, failures.append)
