@@ -79,3 +79,40 @@ def waitUntil(predicate: Callable[[], object], timeout: float, interval: float =
         if time.monotonic() >= deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def socketsByRemotePort(pid: int) -> dict[int, int]:
+    """How many TCP sockets ``pid`` holds, per remote port (listeners count under 0).
+
+    Matches the socket inodes of /proc/PID/fd with /proc/PID/net/tcp{,6}: the chaos
+    tests use it to tell a route's pooled member connections (legitimately kept
+    after the load) from leaked descriptors.
+    """
+    inodes = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue  # closed while we looked
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    counts: dict[int, int] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[9] in inodes:
+                        port = int(fields[2].rsplit(":", 1)[1], 16)
+                        counts[port] = counts.get(port, 0) + 1
+        except FileNotFoundError:
+            continue
+    return counts
+
+
+def fdsBesides(pid: int, remotePorts: set[int]) -> int:
+    """``fdCount(pid)`` less the TCP sockets it holds to ``remotePorts`` (e.g. the
+    members' ports, whose pooled connections a route keeps on purpose)."""
+    byPort = socketsByRemotePort(pid)
+    return fdCount(pid) - sum(n for port, n in byPort.items() if port in remotePorts)
