@@ -37,6 +37,10 @@ Modes (``set(mode, **params)``) apply to connections opened after the call, exce
                           params (ms, after, bytesPerSecond, forward) go to the drawn mode
 ========================  ==================================================================
 
+Every mode also takes ``kill=True``: reset every open connection first, as the mode
+takes effect (a pooled connection would otherwise dodge a ``blackhole`` set later,
+since modes bind at accept time); it works in ``schedule`` steps too.
+
 ``stats()["faults"]`` counts, per mode other than ``pass``, the connections that were
 opened under it (a connection counts once, when it is accepted); ``connections`` counts
 every accepted connection, ``open`` those still open, ``bytesUp``/``bytesDown`` the bytes
@@ -83,7 +87,7 @@ def _checkMode(mode: str, params: dict[str, Any]) -> dict[str, Any]:
     """Validate ``mode`` and its params; return the params with defaults filled in."""
     if mode not in MODES:
         raise ValueError(f"unknown fault mode {mode!r} (known: {sorted(MODES)})")
-    allowed = dict(MODES[mode])
+    allowed = {**MODES[mode], "kill": False}
     if mode == "random":
         # the drawn mode's params ride along
         for name in ("latency", "reset_before_response", "reset_mid_response", "throttle"):
@@ -109,8 +113,8 @@ def _checkMode(mode: str, params: dict[str, Any]) -> dict[str, Any]:
 class FaultProxy:
     """A fault proxy child process in front of ``target``, driven from the test.
 
-    @ivar port: where the ambassador's member should point (``127.0.0.1:port``).
-    @ivar address: the same as a Twisted client endpoint string.
+    ``port``, ``address`` (the same as a Twisted client endpoint string) and every call
+    wait for the child to listen (at most ``startTimeout`` seconds).
     """
 
     def __init__(
@@ -125,18 +129,34 @@ class FaultProxy:
             "--port", str(port), "--parent", str(os.getpid()),
         ]
         self._lock = threading.Lock()
+        self._startTimeout = startTimeout
+        self._hello: dict[str, int] | None = None
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
         )
-        try:
-            line = self._readLine(startTimeout)
-            hello = json.loads(line)
-        except BaseException:
-            self.stop()
-            raise
-        self.port: int = hello["port"]
-        self.controlPort: int = hello["control"]
-        self.address = f"tcp:127.0.0.1:{self.port}"
+
+    def _started(self) -> dict[str, int]:
+        """The child's ports, once it listens: read lazily, so that several proxies
+        created one after the other start up at the same time."""
+        if self._hello is None:
+            try:
+                self._hello = json.loads(self._readLine(self._startTimeout))
+            except BaseException:
+                self.stop()
+                raise
+        return self._hello
+
+    @property
+    def port(self) -> int:
+        return self._started()["port"]
+
+    @property
+    def controlPort(self) -> int:
+        return self._started()["control"]
+
+    @property
+    def address(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
 
     def _readLine(self, timeout: float) -> bytes:
         assert self.process.stdout is not None
@@ -157,6 +177,7 @@ class FaultProxy:
 
     def _call(self, **command: Any) -> dict[str, Any]:
         """One control request and its answer, within CONTROL_TIMEOUT."""
+        self._started()
         with self._lock:
             if self.process.poll() is not None:
                 raise RuntimeError(f"fault proxy exited with {self.process.returncode}")
@@ -279,6 +300,9 @@ def _childMain(argv: list[str]) -> None:
 
         def apply(self, mode: str, params: dict[str, Any]) -> None:
             self.mode, self.params = mode, _checkMode(mode, params)
+            if self.params["kill"]:
+                for pair in list(self.open):
+                    pair.resetBoth()
             for pair in list(self.open):
                 pair.settingsChanged()
 
@@ -289,6 +313,7 @@ def _childMain(argv: list[str]) -> None:
                 if self.rng.random() < float(params["p"]):
                     mode = self.rng.choice(list(params["modes"]))
                     params = _checkMode(mode, {k: v for k, v in params.items() if k in MODES[mode]})
+                    params["kill"] = False
                 else:
                     mode, params = "pass", {}
             if mode != "pass":

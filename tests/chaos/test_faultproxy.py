@@ -277,3 +277,16 @@ def test_childDiesWithItsParent(echo: Peer) -> None:
             return f.read().split(") ", 1)[1].startswith("Z")
 
     waitUntil(gone, 5)
+
+
+def test_killOptionResetsOpenConnectionsAsTheModeTakesEffect(echo: Peer) -> None:
+    with FaultProxy(target=("127.0.0.1", echo.port)) as fp, connect(fp) as s:
+        s.sendall(b"x")
+        assert recvExactly(s, 1) == b"x"
+        fp.schedule([(0.2, "blackhole", {"kill": True})], repeat=False)
+        _, error = recvUntilClosed(s)
+        assert isinstance(error, ConnectionResetError)
+        with connect(fp, timeout=0.5) as t:
+            t.sendall(b"y")
+            with pytest.raises(TimeoutError):
+                t.recv(1)  # and new connections get the mode

@@ -1,0 +1,324 @@
+"""Chaos scenarios for the http route: the real twistd, real HTTP members behind fault
+proxies, and a seeded, bounded load of real clients (issue 9).
+
+Each scenario misbehaves in one way (resets before the answer, resets mid-body,
+blackholes that come and go, latency at the attempt timeout, trickling bodies,
+accept-and-close), sends mixed GET/POST traffic for a few seconds, and then checks the
+books (:func:`httpload.auditHttp`): every request got exactly one answer, the right
+one, within the deadline, no POST applied twice, metrics that count what the clients
+saw; and that the process is back to its file descriptors after its idle pools
+empty, with memory in bounds, the breaker and the budget having done their part.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Self
+
+import attr
+import pytest
+from accounting import fdCount, metricSum, rssBytes, scrapeMetrics, waitUntil
+from chaos.faultproxy import FaultProxy
+from harness import Ambassador, freePort
+from httpload import HttpLoad, Outcome, auditHttp, summary
+from httpmember import HttpMember
+
+#: Load per scenario (each test stays well under 30 s: ~2 s start, this, ~5 s to settle).
+LOAD_SECONDS = 6.0
+#: Idle member connections (the pool) and idle app connections close after this.
+IDLE = 2.0
+#: How much the RSS may grow over a scenario.
+RSS_GROWTH = 64 * 1024 * 1024
+
+
+@attr.s(auto_attribs=True)
+class Rig:
+    ambassador: Ambassador
+    member: HttpMember
+    proxies: list[FaultProxy]
+    appPort: int
+    adminPort: int
+    deadline: float
+    fdBaseline: int = 0
+    rssBaseline: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.ambassador.process.pid
+
+    def upstream(self, index: int) -> str:
+        return self.proxies[index].address
+
+
+class Monitor:
+    """Watches the ambassador while the load runs: breaker states, the budget, RSS, fds."""
+
+    def __init__(self, rig: Rig, route: str = "chaos", interval: float = 0.25) -> None:
+        self.rig = rig
+        self.route = route
+        self.interval = interval
+        self.maxBreaker: dict[str, float] = {}
+        self.budgetViolations: list[dict[str, int]] = []
+        self.maxRss = 0
+        self.maxFds = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception as e:  # noqa: BLE001 (a monitor never kills the test; it reports)
+                self.errors.append(f"{type(e).__name__}: {e}")
+
+    def sample(self) -> None:
+        pid = self.rig.pid
+        self.maxRss = max(self.maxRss, rssBytes(pid))
+        self.maxFds = max(self.maxFds, fdCount(pid))
+        metrics = scrapeMetrics(self.rig.adminPort)
+        for (name, labels), value in metrics.items():
+            if name == "ambassador_breaker_state" and ("route", self.route) in labels:
+                upstream = dict(labels)["upstream"]
+                self.maxBreaker[upstream] = max(self.maxBreaker.get(upstream, 0.0), value)
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.rig.adminPort}/status?route={self.route}", timeout=5,
+        ) as response:
+            status = json.load(response)
+        for route in status["routes"]:
+            budget = route["budget"]
+            if budget["retries"] > budget["allowed"]:
+                self.budgetViolations.append(budget)
+
+
+@contextmanager
+def chaosRig(tmp_path: Path, members: int, seed: int, timeout: str = "1s", deadline: float = 3.0,
+             retry: str = "") -> Iterator[Rig]:
+    """One twistd with one http route ("chaos") over ``members`` fault proxies in front of
+    one recording HTTP member."""
+    with ExitStack() as stack:
+        member = stack.enter_context(HttpMember(tmp_path / "member.log"))
+        proxies = [
+            stack.enter_context(FaultProxy(target=("127.0.0.1", member.port), seed=seed + i))
+            for i in range(members)
+        ]
+        appPort, adminPort = freePort(), freePort()
+        upstreams = ", ".join(f'"{fp.address}"' for fp in proxies)
+        config = f"""
+[defaults]
+connect_timeout = "500ms"
+timeout = "{timeout}"
+deadline = "{deadline}s"
+idle_timeout = "{IDLE}s"
+
+[defaults.retry]
+attempts = 3
+backoff_base = "20ms"
+backoff_max = "200ms"
+budget_ratio = 0.2
+budget_min_per_second = 2
+{retry}
+
+[defaults.breaker]
+failure_threshold = 5
+reset_timeout = "1s"
+half_open_max = 1
+
+[[route]]
+name = "chaos"
+protocol = "http"
+listen = "tcp:{appPort}"
+upstreams = [{upstreams}]
+"""
+        ambassador = stack.enter_context(Ambassador(
+            tmp_path, config=config, args=["--admin", f"tcp:{adminPort}:interface=127.0.0.1"]))
+        rig = Rig(ambassador, member, proxies, appPort, adminPort, deadline)
+        scrapeMetrics(adminPort)  # the admin site is up (and its first connection closed)
+        rig.fdBaseline = _settledFds(rig.pid)
+        rig.rssBaseline = rssBytes(rig.pid)
+        yield rig
+
+
+def _settledFds(pid: int) -> int:
+    """The fd count once it stops moving (an admin connection closing, say)."""
+    previous = fdCount(pid)
+    for _ in range(20):
+        time.sleep(0.1)
+        current = fdCount(pid)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
+def runScenario(rig: Rig, seed: int, truncationAllowed: bool = False, **load: Any) -> tuple[list[Outcome], Monitor, dict]:
+    """Run the load, then check every rule that does not depend on the scenario."""
+    with Monitor(rig) as monitor:
+        outcomes = HttpLoad(rig.appPort, LOAD_SECONDS, seed, **load).run()
+    assert outcomes, "the load sent nothing"
+
+    # Every answered request is counted once the exchange ends: wait for the count.
+    answered = sum(o.kind != "unanswered" for o in outcomes)
+    try:
+        waitUntil(lambda: metricSum(scrapeMetrics(rig.adminPort), "ambassador_requests_total",
+                                    route="chaos") >= answered, 5)
+    except TimeoutError:
+        pass  # auditHttp reports the difference
+    metrics = scrapeMetrics(rig.adminPort)
+    problems = auditHttp(outcomes, rig.member, metrics, "chaos", rig.deadline,
+                         truncationAllowed=truncationAllowed)
+    assert not monitor.errors, monitor.errors[:5]
+    assert not monitor.budgetViolations, f"retries over the budget: {monitor.budgetViolations[:3]}"
+    assert monitor.maxRss - rig.rssBaseline < RSS_GROWTH, (monitor.maxRss, rig.rssBaseline)
+    assert not problems, "\n".join(problems[:30]) + f"\n{summary(outcomes)}"
+    _checkFdsBack(rig)
+    return outcomes, monitor, metrics
+
+
+def _checkFdsBack(rig: Rig) -> None:
+    """After the load, the only extra fds are pooled member connections; after the pool's
+    idle timeout, none."""
+    def pooledAccountedFor() -> bool:
+        extra = fdCount(rig.pid) - rig.fdBaseline
+        held = sum(fp.stats()["open"] for fp in rig.proxies)
+        return extra == held and fdCount(rig.pid) - rig.fdBaseline == extra
+
+    try:
+        waitUntil(pooledAccountedFor, 3)
+    except TimeoutError:
+        raise AssertionError(
+            f"fds {fdCount(rig.pid)} - baseline {rig.fdBaseline} is not the "
+            f"{[fp.stats()['open'] for fp in rig.proxies]} member connections the proxies see"
+        ) from None
+    try:
+        waitUntil(lambda: fdCount(rig.pid) == rig.fdBaseline, 2 * IDLE + 3)
+    except TimeoutError:
+        raise AssertionError(
+            f"fds {fdCount(rig.pid)} not back to {rig.fdBaseline} after the idle timeout; "
+            f"proxies still see {[fp.stats()['open'] for fp in rig.proxies]} connections"
+        ) from None
+
+
+def bigPaths(rng: Any) -> str:
+    return f"/blob?size={rng.randint(50_000, 300_000)}"
+
+
+def attemptsOf(metrics: dict, upstream: str, result: str) -> float:
+    return metricSum(metrics, "ambassador_attempts_total", route="chaos", upstream=upstream, result=result)
+
+
+def test_resetsBeforeTheResponse(tmp_path: Path) -> None:
+    seed = 101
+    with chaosRig(tmp_path, 3, seed) as rig:
+        rig.proxies[0].set("random", p=0.4, modes=["reset_before_response"], forward=True)
+        rig.proxies[1].set("random", p=0.4, modes=["reset_before_response"])
+        outcomes, _, metrics = runScenario(rig, seed)
+        faults = [fp.stats()["faults"].get("reset_before_response", 0) for fp in rig.proxies[:2]]
+        assert all(faults), faults  # the faults happened
+        assert attemptsOf(metrics, rig.upstream(0), "reset") > 0
+        # a GET is retried past a reset (budget allowing): most GETs succeed
+        gets = [o for o in outcomes if o.method == "GET"]
+        assert sum(o.kind == "ok" for o in gets) > 0.8 * len(gets), summary(outcomes)
+
+
+def test_resetsMidBodyOfLargeResponses(tmp_path: Path) -> None:
+    seed = 202
+    with chaosRig(tmp_path, 2, seed) as rig:
+        # cut in the body of a big answer (the app already has the headers) ...
+        rig.proxies[0].schedule([
+            (1.0, "random", {"p": 0.5, "modes": ["reset_mid_response"], "after": 120_000}),
+            (1.0, "random", {"p": 0.5, "modes": ["reset_mid_response"], "after": 30_000}),
+        ])
+        # ... and in the head (before the app has anything: retried for GET)
+        rig.proxies[1].set("random", p=0.3, modes=["reset_mid_response"], after=100)
+        outcomes, _, _ = runScenario(rig, seed, truncationAllowed=True, clients=6, pathFor=bigPaths)
+        kinds = summary(outcomes)["kinds"]
+        assert kinds.get("truncated", 0) > 0, kinds  # the scenario did cut bodies
+        assert kinds.get("ok", 0) > kinds.get("truncated", 0), kinds
+
+
+def test_blackholeAndFlappingMembers(tmp_path: Path) -> None:
+    seed = 303
+    with chaosRig(tmp_path, 3, seed, timeout="500ms", deadline=2.0) as rig:
+        rig.proxies[0].schedule([(1.5, "pass", {}), (2.0, "blackhole", {"kill": True})])
+        rig.proxies[1].schedule([
+            (1.0, "pass", {}), (0.5, "accept_close", {"kill": True}),
+            (1.0, "pass", {}), (0.7, "blackhole", {"kill": True}),
+        ])
+        # kill=True resets connections mid-answer too: a cut body is then the right outcome
+        outcomes, monitor, metrics = runScenario(rig, seed, truncationAllowed=True)
+        assert rig.proxies[0].stats()["faults"].get("blackhole", 0) > 0
+        # the blackholed member timed out, its breaker opened, then it came back
+        assert attemptsOf(metrics, rig.upstream(0), "timeout") >= 5
+        assert monitor.maxBreaker.get(rig.upstream(0)) == 2, monitor.maxBreaker
+        assert monitor.maxBreaker.get(rig.upstream(2), 0) == 0, monitor.maxBreaker  # the good one never
+        assert summary(outcomes)["kinds"].get("ok", 0) > 0.5 * len(outcomes), summary(outcomes)
+
+
+def test_latencyNearTheAttemptTimeout(tmp_path: Path) -> None:
+    seed = 404
+    with chaosRig(tmp_path, 2, seed, timeout="600ms", deadline=2.0) as rig:
+        # 2 x 260 ms fits in a 600 ms attempt, 2 x 320 ms does not
+        rig.proxies[0].schedule([(1.0, "latency", {"ms": 260}), (1.0, "latency", {"ms": 320})])
+        rig.proxies[1].set("latency", ms=100)
+        outcomes, _, metrics = runScenario(rig, seed, clients=10)
+        assert attemptsOf(metrics, rig.upstream(0), "timeout") > 0
+        assert attemptsOf(metrics, rig.upstream(0), "ok") > 0
+        # a POST that timed out was applied by the member but never sent again
+        timedOutPosts = [o for o in outcomes if o.method == "POST" and o.reason == "timeout"]
+        assert all(o.attempts == 1 for o in timedOutPosts), timedOutPosts[:3]
+
+
+def test_throttledBigBodies(tmp_path: Path) -> None:
+    seed = 505
+    with chaosRig(tmp_path, 2, seed, timeout="2s", deadline=4.0) as rig:
+        rig.proxies[0].set("throttle", bytesPerSecond=400_000)
+        rig.proxies[1].set("throttle", bytesPerSecond=200_000)
+        outcomes, _, metrics = runScenario(rig, seed, clients=6, pathFor=bigPaths)
+        kinds = summary(outcomes)["kinds"]
+        assert kinds == {"ok": len(outcomes)}, kinds  # slow is not broken: every body intact
+        down = metricSum(metrics, "ambassador_bytes_total", route="chaos", direction="downstream")
+        assert down > 50_000 * len(outcomes)
+
+
+def test_acceptAndClose(tmp_path: Path) -> None:
+    seed = 606
+    with chaosRig(tmp_path, 3, seed) as rig:
+        rig.proxies[0].set("random", p=0.5, modes=["accept_close"])
+        rig.proxies[1].schedule([(1.0, "pass", {}), (1.0, "accept_close", {"kill": True})])
+        outcomes, _, metrics = runScenario(rig, seed, truncationAllowed=True)  # kill cuts answers
+        assert rig.proxies[0].stats()["faults"].get("accept_close", 0) > 0
+        assert attemptsOf(metrics, rig.upstream(0), "reset") + attemptsOf(
+            metrics, rig.upstream(0), "connect-failure") > 0
+        gets = [o for o in outcomes if o.method == "GET"]
+        assert sum(o.kind == "ok" for o in gets) > 0.8 * len(gets), summary(outcomes)
+
+
+@pytest.mark.parametrize("seed", [707])
+def test_everythingAtOnce(tmp_path: Path, seed: int) -> None:
+    """Every fault, on every member, flipping on a seeded schedule."""
+    modes = ["reset_before_response", "reset_mid_response", "latency", "blackhole", "accept_close"]
+    with chaosRig(tmp_path, 3, seed, timeout="800ms", deadline=2.5) as rig:
+        for index, fp in enumerate(rig.proxies):
+            fp.schedule([
+                (0.8 + 0.3 * index, "pass", {}),
+                (0.7, "random", {"p": 0.3, "modes": modes, "after": 5000, "ms": 150, "forward": True}),
+                (0.4, "blackhole", {"kill": index == 0}),
+            ])
+        outcomes, _, _ = runScenario(rig, seed, truncationAllowed=True, clients=8,
+                                     pathFor=lambda rng: f"/x?size={rng.choice((64, 4096, 20_000))}")
+        assert summary(outcomes)["kinds"].get("ok", 0) > 0
