@@ -591,7 +591,13 @@ class AppConnection(Protocol):
             raise httptools.HttpParserError("upgrade requests are not proxied")
         method = parser.get_method()
         keepAlive = parser.should_keep_alive()
-        http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        if version == "0.9":
+            # llhttp takes "GET /x" (no version) as HTTP/0.9: a malformed request line
+            # for HTTP/1.1 (RFC 9112 §3), refused rather than proxied as HTTP/1.1.
+            self.reject = (400, BAD_REQUEST)
+            raise httptools.HttpParserError("no HTTP version in the request line")
+        http10 = version == "1.0"
         hostIn = None
         contentLength = None
         bodyKind = _NO_BODY
