@@ -116,3 +116,17 @@ def fdsBesides(pid: int, remotePorts: set[int]) -> int:
     members' ports, whose pooled connections a route keeps on purpose)."""
     byPort = socketsByRemotePort(pid)
     return fdCount(pid) - sum(n for port, n in byPort.items() if port in remotePorts)
+
+
+def steadyFdCount(pid: int, timeout: float = 5.0, interval: float = 0.1) -> int:
+    """``fdCount(pid)`` once it holds still (three equal reads ``interval`` apart): a
+    baseline taken right after a request to the process (e.g. an admin scrape) would
+    otherwise count the connection it is still closing."""
+    deadline = time.monotonic() + timeout
+    reads = [fdCount(pid)]
+    while len(reads) < 3 or len(set(reads[-3:])) > 1:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the descriptors of {pid} did not settle within {timeout}s: {reads}")
+        time.sleep(interval)
+        reads.append(fdCount(pid))
+    return reads[-1]

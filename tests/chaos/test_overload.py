@@ -34,6 +34,7 @@ from accounting import (
     metricSum,
     scrapeMetrics,
     socketsByRemotePort,
+    steadyFdCount,
     waitUntil,
 )
 from asyncmembers import Members
@@ -132,6 +133,7 @@ def setup(fileLimit: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             waitUntil(lambda: _ready(adminPort), 10)
             memberOf = {name: members.port[upstream[name]] for name in listen}
             setup = Setup(amb, members, adminPort, listen, 0, memberOf)
+            steadyFdCount(setup.pid)  # the /ready polls' connections are closed
             setup.baselineFds = fdsBesides(setup.pid, setup.memberPorts())
             yield setup
 
