@@ -315,6 +315,9 @@ def _flood(setup: Setup, route: str, crowd: Crowd, admittedSilent: bool) -> dict
 
     assert delta("overloaded") == CROWD - LIMIT
     assert delta("ok") == LIMIT
+    # The excess never reached a member: one attempt per admitted connection, no more.
+    assert (metricSum(after, "ambassador_attempts_total", route=route)
+            - metricSum(before, "ambassador_attempts_total", route=route)) == LIMIT
     # Descriptors: back to the baseline, apart from the member connections a pooling
     # route keeps on purpose (bounded by its pool).
     ports = setup.memberPorts()
