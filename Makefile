@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench soak clean
 
 $(BIN)/twistd: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Not part of `make test`: a minute of mixed http/tcp/redis load through one ambassador
+# whose members fail on a seeded schedule; exits non-zero if the books do not balance.
+soak: install
+	$(BIN)/python tests/chaos/soak.py --seconds $(or $(SOAK_SECONDS),60)
 
 bench: install
 	$(BIN)/python bench/tcp_throughput.py $(BENCH_ARGS)
