@@ -172,9 +172,9 @@ class RouteCore:
         self.connections: set[Any] = set()
         #: The last TRACES trace values of requests made with trace=True (/status).
         self.traces: deque[str] = deque(maxlen=TRACES)
-        #: ``[expiry, request]`` of the attempts bounded by ``route.timeout``, oldest
+        #: The calls whose first attempt is bounded by ``route.timeout``, oldest
         #: first, and the one timer that watches the oldest (see :meth:`watch`).
-        self.timeouts: deque[list[Any]] = deque()
+        self.timeouts: deque[Call] = deque()
         self.timeoutCall: IDelayedCall | None = None
         self.firing = False
 
@@ -310,7 +310,14 @@ class RouteCore:
             ``self.traces``.  Off, it costs nothing.
         @return: fires with an ``Outcome``, or fails with ``RequestFailed``.
         """
-        return _Request(self, attempt, key, safe, retryOn, attemptTimeout, trace).start()
+        call = _DeferredCall(self, attempt, key, safe, retryOn, attemptTimeout, trace)
+        call.start()
+        return call.result
+
+    def submit(self, call: Call) -> None:
+        """Run ``call``'s attempts until one succeeds or retries must stop: the
+        Deferred-free :meth:`request` (see :class:`Call`)."""
+        call.start()
 
     def finished(self, record: RequestRecord) -> None:
         """A request (tcp: connection) ended: count it and write its access-log line."""
@@ -329,30 +336,31 @@ class RouteCore:
 
     # --- attempt timeouts ---------------------------------------------------------------
 
-    def watch(self, request: _Request, now: float) -> list[Any] | None:
-        """Bound an attempt starting ``now`` by ``route.timeout``, without a timer of
-        its own: every such attempt expires in the order it started, so one timer for
-        the oldest one watches them all (a ``callLater`` and its ``cancel`` per
-        attempt were a measurable share of a small request's cost).
+    def watch(self, call: Call, now: float) -> bool:
+        """Bound ``call``'s first attempt, starting ``now``, by ``route.timeout``
+        without a timer of its own: such attempts expire in the order they started,
+        so one timer for the oldest one watches them all (a ``callLater`` and its
+        ``cancel`` per attempt were a measurable share of a small request's cost).
+        A watched call has ``timer is WATCHED``; it leaves the queue when it reaches
+        the head and is no longer watched.
 
-        @return: the entry to hand to :meth:`unwatch`, or None when the clock went
-            back (the order would break): the caller then uses a timer of its own.
+        @return: False when the clock went back (the order would break): the caller
+            then uses a timer of its own.
         """
         timeouts = self.timeouts
         expiry = now + self.route.timeout
-        if timeouts and timeouts[-1][0] > expiry:
-            return None
-        entry = [expiry, request]
-        timeouts.append(entry)
+        if timeouts and timeouts[-1].expiry > expiry:
+            return False
+        call.expiry = expiry
+        timeouts.append(call)
         if self.timeoutCall is None and not self.firing:
             self.timeoutCall = self.clock.callLater(self.route.timeout, self._timeUp)
-        return entry
+        return True
 
-    def unwatch(self, entry: list[Any]) -> None:
-        """The attempt of ``entry`` ended before its timeout."""
-        entry[1] = None
+    def unwatch(self) -> None:
+        """A watched attempt ended before its timeout (its ``timer`` is cleared)."""
         timeouts = self.timeouts
-        while timeouts and timeouts[0][1] is None:
+        while timeouts and timeouts[0].timer is not WATCHED:
             timeouts.popleft()
         if not timeouts and self.timeoutCall is not None:
             self.timeoutCall.cancel()
@@ -366,19 +374,19 @@ class RouteCore:
         limit = self.clock.seconds() + 1e-6
         self.firing = True
         try:
-            while timeouts and timeouts[0][0] <= limit:
-                request = timeouts.popleft()[1]
-                if request is not None:
+            while timeouts and timeouts[0].expiry <= limit:
+                call = timeouts.popleft()
+                if call.timer is WATCHED:
                     try:
-                        request.timeUp(reasons.TIMEOUT)
+                        call.timeUp(reasons.TIMEOUT)
                     except Exception:  # noqa: BLE001 - one attempt's bug must not stop the others' timeouts
                         log.failure("route {route}: timing out an attempt", route=self.name)
         finally:
             self.firing = False
-        while timeouts and timeouts[0][1] is None:
+        while timeouts and timeouts[0].timer is not WATCHED:
             timeouts.popleft()
         if timeouts and self.timeoutCall is None:
-            delay = max(0.0, timeouts[0][0] - self.clock.seconds() - 1e-6)
+            delay = max(0.0, timeouts[0].expiry - self.clock.seconds() - 1e-6)
             self.timeoutCall = self.clock.callLater(delay, self._timeUp)
 
     # --- downstream connections --------------------------------------------------------
@@ -399,64 +407,120 @@ class RouteCore:
             self.events.connectionsChanged(self.name, self.activeConnections)
 
 
-class _Request:
-    """The state of one request's attempts; a plain object rather than inlineCallbacks,
-    to keep cancellation exact and the per-request cost low."""
+#: ``Call.timer`` of an attempt watched by the route's shared timeout timer.
+WATCHED = object()
+
+
+class Call:
+    """One request's passage through the core: its attempts, retries and verdict.
+
+    The Deferred-free way in (:meth:`RouteCore.submit`), for protocols whose
+    per-request cost matters: the protocol's own per-request object subclasses
+    ``Call`` and the core calls its methods directly, so a request costs no
+    Deferred, no callback tuples and no ``Outcome``.  A subclass implements:
+
+    - ``attempt(member)``: start one attempt on ``member`` and report its end,
+      exactly once, with :meth:`attemptSucceeded` or :meth:`attemptFailed`
+      (from inside ``attempt`` is fine);
+    - ``abandon()``: the core gave up on the attempt under way (its timeout, the
+      deadline, or :meth:`cancel`): stop it and close what it opened.  No report
+      is expected; one that comes anyway is ignored;
+    - ``settled(value)``: the verdict with a response: ``tries``, ``member``,
+      ``reason`` (``"ok"``, or the failure whose response is handed back as it is)
+      and ``budgetExhausted`` say how it came;
+    - ``failed(reason)``: the verdict without one (``tries``; ``member``, the last
+      member tried, or None).
+
+    With ``trace=True``, ``traceValue`` holds the x-ambassador-trace value (SPEC §6)
+    when the verdict comes.
+    """
 
     __slots__ = (
-        "core", "attempt", "key", "safe", "retryOn", "attemptTimeout", "deadlineAt", "tries",
-        "tried", "result", "current", "member", "timer", "sleeper", "timedOut", "cancelled",
-        "lastFailure", "started", "trace", "waitFrom", "attemptLeft", "trial", "attemptStarted",
+        "core", "key", "safe", "retryOn", "attemptTimeout", "deadlineAt", "tries", "tried",
+        "member", "timer", "sleeper", "cancelled", "lastFailure", "started", "trace",
+        "waitFrom", "attemptLeft", "trial", "attemptStarted", "open", "expiry", "reason",
+        "budgetExhausted", "traceValue",
     )
 
     def __init__(
-        self, core: RouteCore, attempt: Callable[[Member], Deferred[Any]], key: bytes | None,
-        safe: bool, retryOn: Collection[str], attemptTimeout: float | None,
+        self, core: RouteCore, key: bytes | None = None, safe: Any = True,
+        retryOn: Collection[str] = reasons.RETRYABLE, attemptTimeout: float | None = None,
         trace: bool = False,
     ) -> None:
         self.core = core
-        self.attempt = attempt
         self.key = key
         self.safe = safe
         self.retryOn = retryOn
-        self.attemptTimeout = attemptTimeout if attemptTimeout is not None else core.route.timeout
+        #: None: the route's timeout, watched by the route's shared timer.
+        self.attemptTimeout = attemptTimeout
         self.tries = 0
-        self.tried: list[Member] = []
-        self.current: Deferred[Any] | None = None
+        self.tried: list[Member] | None = None
         self.member: Member | None = None
-        self.timer: Any = None  # a DelayedCall, or an entry of core.watch()
+        self.timer: Any = None  # a DelayedCall, or WATCHED
         self.sleeper: IDelayedCall | None = None
-        self.timedOut: str | None = None
         self.cancelled = False
         self.lastFailure: AttemptFailed | None = None
+        #: Is an attempt under way (a report of it is expected)?
+        self.open = False
+        self.reason = reasons.OK
+        self.budgetExhausted = False
         # Trace entries so far (None: not traced), when the backoff sleep began, and the
         # deadline left when the current attempt started.
         self.trace: list[str] | None = [] if trace else None
+        self.traceValue: str | None = None
         self.waitFrom: float | None = None
         self.attemptLeft = 0.0
 
-    def start(self) -> Deferred[Outcome]:
+    # --- what a protocol implements -----------------------------------------------------
+
+    def attempt(self, member: Member) -> None:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        raise NotImplementedError
+
+    def settled(self, value: Any) -> None:
+        raise NotImplementedError
+
+    def failed(self, reason: str) -> None:
+        raise NotImplementedError
+
+    # --- what the core does ---------------------------------------------------------------
+
+    def start(self) -> None:
         core = self.core
-        self.started = core.clock.seconds()
-        self.deadlineAt = self.started + core.route.deadline
+        self.started = now = core.clock.seconds()
+        self.deadlineAt = now + core.route.deadline
         core.budget.recordRequest()
-        self.result: Deferred[Outcome] = Deferred(self._cancel)
         self._next()
-        return self.result
+
+    def cancel(self) -> None:
+        """The app went away: abandon the attempt under way or the backoff sleep.
+        No verdict follows."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self.sleeper is not None:
+            self.sleeper.cancel()
+            self.sleeper = None
+        if self.open:
+            self.open = False
+            member = self._endAttempt()
+            member.breaker.release(self.trial)
+            self.abandon()
 
     def _next(self) -> None:
         self.sleeper = None
         core = self.core
-        member = core.balancer.pick(core.candidates(), self.tried, self.key)
+        tried = self.tried
+        member = core.balancer.pick(core.candidates(), () if tried is None else tried, self.key)
         if member is None or not member.breaker.acquire():
             if self.lastFailure is not None:
                 self._stop(self.lastFailure)
             else:
-                reason = reasons.NO_UPSTREAM if not core.members else reasons.BREAKER_OPEN
-                failed = RequestFailed(reason, 0)
                 if self.trace is not None:
-                    failed.trace = self._traceValue()
-                self.result.errback(failed)
+                    self.traceValue = self._traceValue()
+                self.failed(reasons.NO_UPSTREAM if not core.members else reasons.BREAKER_OPEN)
             return
         # The breaker's half-open period whose trial slot this attempt holds, if any.
         breaker = member.breaker
@@ -469,74 +533,86 @@ class _Request:
         left = self.deadlineAt - now
         if self.trace is not None:
             self.attemptLeft = left
-        if left <= self.attemptTimeout:
+        routeTimeout = core.route.timeout
+        timeout = self.attemptTimeout
+        if timeout is None:
+            timeout = routeTimeout
+        if left <= timeout:
             self.timer = core.clock.callLater(max(left, 0.0), self.timeUp, reasons.DEADLINE)
+        elif timeout == routeTimeout and self.tries == 1 and core.watch(self, now):
+            self.timer = WATCHED
         else:
-            timer: Any = None
-            if self.attemptTimeout == core.route.timeout:
-                timer = core.watch(self, now)
-            if timer is None:
-                timer = core.clock.callLater(self.attemptTimeout, self.timeUp, reasons.TIMEOUT)
-            self.timer = timer
-        self.timedOut = None
-        try:
-            d = self.attempt(member)
-        except Exception:
-            d = Deferred()
-            d.errback(Failure())
-        self.current = d
-        # An attempt's Deferred fires before the next attempt starts (cancelling it
-        # fires it), so one attribute holds the start of the attempt under way.
+            self.timer = core.clock.callLater(timeout, self.timeUp, reasons.TIMEOUT)
+        self.open = True
         self.attemptStarted = now
-        d.addCallbacks(self._succeeded, self._failed)
+        try:
+            self.attempt(member)
+        except Exception:
+            self.attemptFailed(Failure())
 
     def timeUp(self, reason: str) -> None:
+        """The attempt under way ran out of time (``timeout`` or ``deadline``)."""
         self.timer = None
-        self.timedOut = reason
-        if self.current is not None:
-            self.current.cancel()
+        if not self.open:
+            return
+        self.open = False
+        member = self._endAttempt()
+        try:
+            self.abandon()
+        except Exception:  # noqa: BLE001 - the verdict must still come
+            log.failure("route {route}: abandoning an attempt on {upstream}",
+                        route=self.core.name, upstream=member.upstream)
+        self._failedWith(AttemptFailed(reason), member)
 
     def _endAttempt(self) -> Member:
         timer = self.timer
         if timer is not None:
-            if type(timer) is list:
-                self.core.unwatch(timer)
+            self.timer = None
+            if timer is WATCHED:
+                self.core.unwatch()
             else:
                 timer.cancel()
-            self.timer = None
-        self.current = None
         member = self.member
         assert member is not None
         member.inFlight -= 1
         return member
 
-    def _succeeded(self, value: Any) -> None:
-        startedAt = self.attemptStarted
+    def attemptSucceeded(self, value: Any) -> None:
+        """The attempt under way got its response (a protocol calls this)."""
+        if not self.open:
+            return  # abandoned: a late answer
+        self.open = False
         member = self._endAttempt()
         core = self.core
         member.breaker.success()
-        duration = core.clock.seconds() - startedAt
+        duration = core.clock.seconds() - self.attemptStarted
         core.events.attemptFinished(core.name, member, reasons.OK, duration)
-        outcome = Outcome(value, self.tries, member)
         if self.trace is not None:
-            self._traceAttempt(member, reasons.OK, startedAt, duration)
-            outcome.trace = self._traceValue()
-        self.result.callback(outcome)
+            self._traceAttempt(member, reasons.OK, self.attemptStarted, duration)
+            self.traceValue = self._traceValue()
+        self.settled(value)
 
-    def _failed(self, failure: Failure) -> None:
-        startedAt = self.attemptStarted
-        member = self._endAttempt()
-        core = self.core
-        if self.cancelled:
-            member.breaker.release(self.trial)
+    def attemptFailed(self, failure: Any) -> None:
+        """The attempt under way failed: ``AttemptFailed``, another exception, or a
+        ``Failure`` of either (a protocol calls this)."""
+        if not self.open:
             return
-        if self.timedOut is not None:
-            failed = AttemptFailed(self.timedOut)
+        self.open = False
+        member = self._endAttempt()
+        if isinstance(failure, AttemptFailed):
+            failed = failure
         else:
+            if not isinstance(failure, Failure):
+                failure = Failure(failure)
             failed = classify(failure)
             if failed.reason == reasons.PROTOCOL_ERROR and not isinstance(failure.value, AttemptFailed):
                 log.failure("route {route}: attempt on {upstream} failed unexpectedly",
-                            failure, route=core.name, upstream=member.upstream)
+                            failure, route=self.core.name, upstream=member.upstream)
+        self._failedWith(failed, member)
+
+    def _failedWith(self, failed: AttemptFailed, member: Member) -> None:
+        core = self.core
+        startedAt = self.attemptStarted
         self.lastFailure = failed
         member.failures += 1
         member.breaker.failure()
@@ -564,7 +640,10 @@ class _Request:
             self._stop(failed, budgetExhausted=True)
             return
         core.events.retried(core.name)
-        self.tried.append(member)
+        if self.tried is None:
+            self.tried = [member]
+        else:
+            self.tried.append(member)
         if self.trace is not None:
             self.waitFrom = now
         if delay > 0:
@@ -573,19 +652,14 @@ class _Request:
             self._next()
 
     def _stop(self, failed: AttemptFailed, budgetExhausted: bool = False) -> None:
-        member = self.member
-        if failed.response is not None:
-            assert member is not None
-            self.result.callback(
-                Outcome(failed.response, self.tries, member, failed.reason, budgetExhausted,
-                        None if self.trace is None else self._traceValue())
-            )
-            return
-        reason = reasons.BUDGET_EXHAUSTED if budgetExhausted else failed.reason
-        requestFailed = RequestFailed(reason, self.tries, member)
         if self.trace is not None:
-            requestFailed.trace = self._traceValue()
-        self.result.errback(requestFailed)
+            self.traceValue = self._traceValue()
+        if failed.response is not None:
+            self.reason = failed.reason
+            self.budgetExhausted = budgetExhausted
+            self.settled(failed.response)
+            return
+        self.failed(reasons.BUDGET_EXHAUSTED if budgetExhausted else failed.reason)
 
     def _traceAttempt(self, member: Member, result: str, startedAt: float, duration: float) -> None:
         """One trace entry: ``N UPSTREAM RESULT DURATIONms wait=Wms left=Lms`` (SPEC §6);
@@ -606,11 +680,53 @@ class _Request:
         self.core.traces.append(value)
         return value
 
-    def _cancel(self, result: Deferred[Outcome]) -> None:
-        """The app went away: abandon the attempt under way or the backoff sleep."""
-        self.cancelled = True
-        if self.sleeper is not None:
-            self.sleeper.cancel()
-            self.sleeper = None
-        if self.current is not None:
-            self.current.cancel()
+
+class _DeferredCall(Call):
+    """:meth:`RouteCore.request`: a ``Call`` whose attempts are Deferreds and whose
+    verdict fires a Deferred (``Outcome`` or ``RequestFailed``)."""
+
+    __slots__ = ("attemptFunction", "current", "result")
+
+    def __init__(
+        self, core: RouteCore, attempt: Callable[[Member], Deferred[Any]], key: bytes | None,
+        safe: Any, retryOn: Collection[str], attemptTimeout: float | None, trace: bool,
+    ) -> None:
+        Call.__init__(self, core, key, safe, retryOn, attemptTimeout, trace)
+        self.attemptFunction = attempt
+        self.current: Deferred[Any] | None = None
+        self.result: Deferred[Outcome] = Deferred(self._cancelResult)
+
+    def attempt(self, member: Member) -> None:
+        d = self.attemptFunction(member)
+        self.current = d
+        d.addCallbacks(self._reported, self._reportedFailure, callbackArgs=(d,), errbackArgs=(d,))
+
+    def _reported(self, value: Any, d: Deferred[Any]) -> None:
+        if d is self.current:
+            self.current = None
+            self.attemptSucceeded(value)
+
+    def _reportedFailure(self, failure: Failure, d: Deferred[Any]) -> None:
+        if d is self.current:
+            self.current = None
+            self.attemptFailed(failure)
+
+    def abandon(self) -> None:
+        d, self.current = self.current, None
+        if d is not None:
+            d.cancel()
+
+    def settled(self, value: Any) -> None:
+        member = self.member
+        assert member is not None
+        self.result.callback(Outcome(
+            value, self.tries, member, self.reason, self.budgetExhausted, self.traceValue,
+        ))
+
+    def failed(self, reason: str) -> None:
+        error = RequestFailed(reason, self.tries, self.member)
+        error.trace = self.traceValue
+        self.result.errback(error)
+
+    def _cancelResult(self, result: Deferred[Outcome]) -> None:
+        self.cancel()
