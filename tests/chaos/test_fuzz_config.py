@@ -217,7 +217,7 @@ def checkMessages(error: ConfigError, source: str) -> None:
         ), f"names no key: {message}"
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(documents)
 @example({"defaults": {"timeout": 10**400}, "route": [{"protocol": "tcp", "listen": "tcp:0", "upstreams": ["tcp:127.0.0.1:1"]}]})
@@ -235,7 +235,7 @@ def test_random_documents_load_or_name_the_key(workdir, document) -> None:
         assert isinstance(outcome, Config) and outcome.routes
 
 
-@settings(max_examples=100, deadline=None, derandomize=True,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
 @example(b"[[route]]\nprotocol = \"tcp\"\nlisten = \"tcp:0\"\nupstreams = [\"tcp:127.0.0.1:1\"]\n\xff")
@@ -308,7 +308,7 @@ def setAt(document: Any, where: tuple[Any, ...], value: Any) -> Any:
     return copy
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(TARGETS), st.one_of(anyValue, durations, sizes, endpoints, members))
 @example(TARGETS[2], 10**400)
@@ -337,7 +337,7 @@ words = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(words, max_size=5).map(" ".join), min_size=1, max_size=3))
 @example(["line:redis tcp:0 tcp:127.0.0.1:1"])

@@ -266,7 +266,7 @@ def feed(app: Any, pieces: list[bytes]) -> None:
         app.dataReceived(piece)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(validRequest(), cuts)
 def test_in_process_valid_requests_reach_the_member_once_as_sent(request, points) -> None:
     app, transport, endpoint, clock = inProcess()
@@ -286,7 +286,7 @@ def test_in_process_valid_requests_reach_the_member_once_as_sent(request, points
     assert (response["status"], response["body"]) == (200, b"ok")
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(st.sampled_from(sorted(DEFECTS)), cuts)
 def test_in_process_invalid_requests_never_reach_a_member(defect, points) -> None:
     build, status = DEFECTS[defect]
@@ -300,7 +300,7 @@ def test_in_process_invalid_requests_never_reach_a_member(defect, points) -> Non
     assert not transport.connected, f"{defect}: the connection stays open"
 
 
-@settings(max_examples=500, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(garbage, cuts)
 @example(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n", [40])
 @example(b"GET / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", [])
@@ -468,7 +468,7 @@ def stillServing(amb: Ambassador, pid: int, port: int) -> None:
     assert (response["status"], response["body"]) == (200, path.encode())
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(validRequest(), cuts)
 def test_real_valid_requests_reach_the_member_once(routed, request, points) -> None:
@@ -486,7 +486,7 @@ def test_real_valid_requests_reach_the_member_once(routed, request, points) -> N
     stillServing(amb, pid, port)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(DEFECTS)), cuts)
 def test_real_invalid_requests_are_refused_and_never_reach_the_member(routed, defect, points) -> None:
@@ -503,7 +503,7 @@ def test_real_invalid_requests_are_refused_and_never_reach_the_member(routed, de
     stillServing(amb, pid, port)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True,
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(garbage, cuts)
 @example(b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", [30])

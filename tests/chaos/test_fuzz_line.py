@@ -209,7 +209,7 @@ def test_huge_numbers_in_replies_are_protocol_errors() -> None:
     assert frameReplies(memcachedDialect.responseParser(), [data], [VALUES]) == ([], True)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.lists(redisCommand, max_size=4), respGarbage, cuts, st.booleans())
 @example([], b"*" + HUGE + b"\r\n", [], False)
 @example([], b"*1\r\n$" + HUGE + b"\r\n", [3], True)
@@ -223,7 +223,7 @@ def test_redis_request_garbage_frames_the_same_however_split(valid, junk, cutPoi
     assert [r[0] for r in whole[:len(valid)]] == valid
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.lists(mcCommand, max_size=4), mcGarbage, cuts, st.booleans())
 @example([], b"set k 0 0 " + HUGE + b"\r\n", [], False)
 @example([], b"ms k " + HUGE + b"\r\n", [], False)
@@ -235,7 +235,7 @@ def test_memcached_request_garbage_frames_the_same_however_split(valid, junk, cu
     assert [r[0] for r in whole[:len(valid)]] == valid
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=200).map(lambda b: b + b"\n"), cuts)
 def test_plain_garbage_frames_the_same_however_split(junk, cutPoints) -> None:
     whole = frameRequests(plainDialect.requestParser(ROUTE), [junk])
@@ -243,7 +243,7 @@ def test_plain_garbage_frames_the_same_however_split(junk, cutPoints) -> None:
     assert b"".join(r[0] for r in whole) == junk
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(respGarbage, cuts)
 @example(b":" + HUGE + b"\r\n", [])
 @example(b"$" + HUGE + b"\r\n", [2])
@@ -254,7 +254,7 @@ def test_redis_reply_garbage_frames_the_same_however_split(junk, cutPoints) -> N
     assert split == whole
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(mcGarbage, replyKinds, cuts)
 @example(b"VALUE k 0 " + HUGE + b"\r\n", [VALUES], [])
 def test_memcached_reply_garbage_frames_the_same_however_split(junk, kinds, cutPoints) -> None:
@@ -355,12 +355,33 @@ def checkAnswers(dialect, route, data: bytes, answer: bytes) -> None:  # type: i
 
 
 def stillServing(amb: Ambassador, pid: int, redisPort: int, mcPort: int) -> None:
+    """Same pid, and both routes answer right on several app connections at once: they
+    share the route's few pooled member connections, so a member connection left out
+    of step by the garbage (one reply too many or too few) shows on one of them."""
     assert amb.process.poll() is None and amb.process.pid == pid
-    assert exchange(redisPort, b"PING\r\n") == b"+PONG\r\n"
-    assert exchange(mcPort, b"version\r\n").startswith(b"VERSION ")
+    for port, request, reply in ((redisPort, b"*2\r\n$4\r\nECHO\r\n$%d\r\n%s\r\n", b"$%d\r\n%s\r\n"),
+                                 (mcPort, b"get %s\r\n", b"END\r\n")):
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(8)]
+        try:
+            for i, sock in enumerate(socks):
+                token = b"alive%d" % i
+                sock.sendall(request % ((len(token), token) if port == redisPort else (token,)))
+            for i, sock in enumerate(socks):
+                token = b"alive%d" % i
+                expected = reply % ((len(token), token) if port == redisPort else ())
+                got = b""
+                while len(got) < len(expected):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                assert got == expected, (port, i, got)
+        finally:
+            for sock in socks:
+                sock.close()
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(redisCommand, max_size=3), respGarbage)
 @example([], b"*1\r\n$" + HUGE + b"\r\n")
@@ -372,7 +393,7 @@ def test_garbage_to_a_real_redis_route_is_answered_in_order(lineRoutes, valid, j
     stillServing(amb, amb.process.pid, redisPort, mcPort)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(mcCommand, max_size=3), mcGarbage)
 @example([], b"set k 0 0 " + HUGE + b"\r\n")
