@@ -6,9 +6,10 @@ connection (a pipelined SET then GET sees its own write, SPEC §4/line), while m
 app connections share each member connection.  Replies come back in the order the
 requests were written, which is how each is matched to its request.
 
-An attempt's Deferred fires with the raw reply, or fails with ``AttemptFailed``:
-``connect-failure`` (``written=False``) when the connection could not be made,
-``reset`` (``written=True``) when it was lost with the request in flight.  The
+An attempt (a core ``Call``) is told of its raw reply, or fails with
+``AttemptFailed``: ``connect-failure`` (``written=False``) when the connection
+could not be made, ``reset`` (``written=True``) when it was lost with the request
+in flight.  The
 resilience core decides from that and the request's safety whether to replay it.
 """
 
@@ -82,12 +83,11 @@ class Batcher:
 class MemberConnection(Protocol):
     """One pooled connection to a member.
 
-    Per request it keeps no object of its own: the attempt's Deferred goes on
-    ``inFlight`` and its request on ``requests`` (what the reply parser needs to
-    know), in write order.  Every Deferred shares the connection's one canceller, so
-    nothing refers back from a request to its connection; with tens of thousands
-    of requests in flight per second, each object less is less work for the
-    allocator and the cyclic garbage collector.
+    Per request it keeps no object of its own: the request's core ``Call`` (which
+    knows its ``request``) goes on ``inFlight`` in write order and is told of its
+    reply with ``attemptSucceeded``; with tens of thousands of requests in flight
+    per second, each object less is less work for the allocator and the cyclic
+    garbage collector.
     """
 
     transport: Any
@@ -96,25 +96,24 @@ class MemberConnection(Protocol):
         self.pool = pool
         self.member = member
         self.parser = pool.dialect.responseParser()
-        #: Written requests awaiting their reply, oldest first, and their Deferreds.
-        self.requests: deque[LineRequest] = deque()
-        self.inFlight: deque[Deferred[bytes]] = deque()
-        #: Requests sent before the connection was made, with their Deferreds.
-        self.queued: list[tuple[Deferred[bytes], LineRequest]] = []
+        #: The calls whose requests were written and await their reply, oldest first.
+        self.inFlight: deque[Any] = deque()
+        #: Calls whose requests were sent before the connection was made.
+        self.queued: list[Any] = []
         self.out: list[bytes] = []
         self.dirty = False
         self.connected = False
         self.closed = False
         self.users = 0
         self.pending: Deferred[Any] | None = None
-        self.canceller = self._cancel
         self.write: Any = None
 
     # --- requests ----------------------------------------------------------------
 
-    def send(self, request: LineRequest) -> Deferred[bytes]:
-        """Write ``request`` (now, or once connected); fires with its raw reply."""
-        d: Deferred[bytes] = Deferred(self.canceller)
+    def send(self, call: Any, request: LineRequest) -> None:
+        """Write ``request`` (now, or once connected) for the core ``call`` (an
+        ``ambassador.resilience.core.Call`` whose ``request`` it is), which is told
+        of the reply or of the failure."""
         if self.connected and not self.closed:
             self.out.append(request.raw)
             if not self.dirty:
@@ -125,15 +124,13 @@ class MemberConnection(Protocol):
                 else:
                     self.flush()
             if request.expectsReply:
-                self.inFlight.append(d)
-                self.requests.append(request)
+                self.inFlight.append(call)
             else:
-                d.callback(b"")
+                call.attemptSucceeded(b"")
         elif self.closed:
-            d.errback(AttemptFailed(reasons.CONNECT_FAILURE, written=False))
+            call.attemptFailed(AttemptFailed(reasons.CONNECT_FAILURE, written=False))
         else:
-            self.queued.append((d, request))
-        return d
+            self.queued.append(call)
 
     def flush(self) -> None:
         self.dirty = False
@@ -143,20 +140,20 @@ class MemberConnection(Protocol):
         self.out = []
         self.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _cancel(self, d: Deferred[bytes]) -> None:
-        """The core gave up on the attempt ``d`` (its timeout, or the request went away).
+    def abandon(self, call: Any) -> None:
+        """The core gave up on ``call``'s attempt (its timeout).
 
         A queued request is simply dropped.  A written one will still be answered;
         its reply must be discarded, and this connection's order can no longer be
         trusted: it is closed, failing its other requests in flight (``reset``).
         """
-        for i, (queued, _) in enumerate(self.queued):
-            if queued is d:
+        for i, queued in enumerate(self.queued):
+            if queued is call:
                 del self.queued[i]
                 return
         for inFlight in self.inFlight:
-            if inFlight is d:
-                self.shutdown(reasons.RESET, cancelled=d)
+            if inFlight is call:
+                self.shutdown(reasons.RESET, cancelled=call)
                 return
 
     # --- connection --------------------------------------------------------------
@@ -171,17 +168,16 @@ class MemberConnection(Protocol):
         batcher = self.pool.batcher
         batcher.cork()
         try:
-            for d, request in queued:
-                # send() with this connection's Deferred rather than a new one
+            for call in queued:
+                request = call.request
                 self.out.append(request.raw)
                 if not self.dirty:
                     self.dirty = True
                     batcher.dirty.append(self)
                 if request.expectsReply:
-                    self.inFlight.append(d)
-                    self.requests.append(request)
+                    self.inFlight.append(call)
                 else:
-                    d.callback(b"")
+                    call.attemptSucceeded(b"")
         finally:
             batcher.uncork()
 
@@ -193,17 +189,20 @@ class MemberConnection(Protocol):
         parser = self.parser
         parser.feed(data)
         inFlight = self.inFlight
-        requests = self.requests
         batcher = self.pool.batcher
         batcher.depth += 1
         try:
             nextReply = parser.next
             while inFlight:
-                reply = nextReply(requests[0].kind)
+                call = inFlight[0]
+                reply = nextReply(call.request.kind)
                 if reply is None:
                     break
-                requests.popleft()
-                inFlight.popleft().callback(reply)
+                inFlight.popleft()
+                try:
+                    call.attemptSucceeded(reply)
+                except Exception:  # noqa: BLE001 - one request's bug must not stall the others
+                    log.failure("route {route}: answering a request", route=self.pool.routeName)
         except ProtocolError as e:
             log.warn("route {route}: {upstream} sent a malformed reply: {error}",
                      route=self.pool.routeName, upstream=self.member.upstream, error=str(e))
@@ -216,12 +215,12 @@ class MemberConnection(Protocol):
         self.shutdown(reasons.RESET)
 
     def shutdown(
-        self, reason: str, failure: Failure | None = None, cancelled: Deferred[bytes] | None = None,
+        self, reason: str, failure: Failure | None = None, cancelled: Any = None,
     ) -> None:
         """Take this connection out of the pool and fail every request on it:
         those written with ``reason`` (written=True: the core replays only the safe
-        ones), those never written as unwritten (always safe to replay).  The attempt
-        being ``cancelled`` (if that is why) is left for ``Deferred.cancel`` to fail."""
+        ones), those never written as unwritten (always safe to replay).  The call
+        ``cancelled`` (if that is why) was abandoned by the core already."""
         if self.closed:
             return
         self.closed = True
@@ -229,22 +228,23 @@ class MemberConnection(Protocol):
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.cancel()
-        # Emptied in place: a dataReceived loop under way holds these very deques.
+        # Emptied in place: a dataReceived loop under way holds this very deque.
         inFlight = list(self.inFlight)
         self.inFlight.clear()
-        self.requests.clear()
         queued, self.queued = self.queued, []
         self.out = []
         if self.transport is not None and self.connected:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-        for d in inFlight:
-            if d is not cancelled:
-                d.errback(AttemptFailed(reason, written=True))
-        for d, _ in queued:
-            if failure is not None and isinstance(failure.value, AttemptFailed):
-                d.errback(failure.value)
-            else:
-                d.errback(AttemptFailed(reasons.CONNECT_FAILURE, written=False))
+        written = AttemptFailed(reason, written=True)
+        for call in inFlight:
+            if call is not cancelled:
+                call.attemptFailed(written)
+        if failure is not None and isinstance(failure.value, AttemptFailed):
+            unwritten = failure.value
+        else:
+            unwritten = AttemptFailed(reasons.CONNECT_FAILURE, written=False)
+        for call in queued:
+            call.attemptFailed(unwritten)
 
     def close(self) -> None:
         """Close an idle connection (the route is stopping)."""

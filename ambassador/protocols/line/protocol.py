@@ -13,7 +13,6 @@ from collections import deque
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import IPlugin
@@ -25,9 +24,8 @@ from ambassador.protocols.http.transport import writerFor
 from ambassador.protocols.line import LineRequest
 from ambassador.protocols.line.pool import Batcher, MemberConnection, Pool, _noDelay
 from ambassador.resilience import reasons
-from ambassador.resilience.core import Outcome, RequestRecord, RouteCore
+from ambassador.resilience.core import Call, RequestRecord, RouteCore
 from ambassador.resilience.member import Member
-from ambassador.resilience.reasons import RequestFailed
 
 #: An app connection with this many requests unanswered is not read from until it
 #: is down to half: a client that pipelines without reading cannot grow our memory.
@@ -58,29 +56,30 @@ def _parseBool(value: Any) -> bool:
     return value
 
 
-class _Entry:
+class _Entry(Call):
     """One request of an app connection, until its answer is written.
 
-    The entry is also the request's *attempt* (called by the core with the member
-    to try) and its Deferred's one callback (``settle``): no closure, bound-method
-    pair or argument tuples per request, which is most of what a pipelined request
-    used to allocate on top of the core's own objects.
+    The entry is also the request's core ``Call``: the core asks it for attempts
+    and hands it the verdict by plain method calls, so a pipelined request costs
+    one object of ours besides its parsed ``LineRequest`` (no Deferred, closure,
+    bound-method pair or argument tuple).
     """
 
     __slots__ = (
         "app",
         "attempts",
+        "connection",
         "failure",
         "parts",
         "partsLeft",
         "reply",
         "request",
         "result",
-        "started",
         "upstream",
     )
 
     def __init__(self, app: LineAppProtocol, request: LineRequest, started: float) -> None:
+        Call.__init__(self, app.core, request.key, request.safe)
         self.app = app
         self.request = request
         self.started = started
@@ -91,65 +90,75 @@ class _Entry:
         self.parts: list[Any] | None = None
         self.partsLeft = 0
         self.failure: str | None = None
+        self.connection: MemberConnection | None = None
 
-    def __call__(self, member: Member) -> Deferred[bytes]:
+    def attempt(self, member: Member) -> None:
         """One attempt on ``member``: on this app connection's connection to it."""
-        connection = self.app.connections.get(member)
+        app = self.app
+        connection = app.connections.get(member)
         if connection is None or connection.closed:
-            connection = self.app.connectionTo(member)
-        return connection.send(self.request)
+            connection = app.connectionTo(member)
+        self.connection = connection
+        connection.send(self, self.request)
 
-    def settle(self, result: Outcome | Failure) -> None:
-        """The core's verdict: the member's reply, or why there is none."""
-        if isinstance(result, Failure):
-            if result.check(RequestFailed):
-                error = result.value
-                self.result = error.reason
-                self.attempts = error.attempts
-                self.upstream = error.member.upstream if error.member is not None else None
-            else:
-                self.result = reasons.PROTOCOL_ERROR
-            self.app._done(self, self.app.dialect.errorReply(self.result))
-        else:
-            self.attempts = result.attempts
-            self.upstream = result.member.upstream
-            self.app._done(self, result.value)
+    def abandon(self) -> None:
+        if self.connection is not None:
+            self.connection.abandon(self)
+
+    def settled(self, value: bytes) -> None:
+        """The member's reply."""
+        self.attempts = self.tries
+        self.upstream = self.member.upstream  # type: ignore[union-attr]
+        self.app._done(self, value)
+
+    def failed(self, reason: str) -> None:
+        """No reply: answer with the dialect's error reply for ``reason``."""
+        self.result = reason
+        self.attempts = self.tries
+        member = self.member
+        self.upstream = member.upstream if member is not None else None
+        app = self.app
+        app._done(self, app.dialect.errorReply(reason))
 
 
-class _Part:
+class _Part(Call):
     """One member's share of a multi-key request split under ``balance = "hash"``:
-    its attempt, and its callback into the whole request's entry."""
+    its own core call, answering into the whole request's entry."""
 
-    __slots__ = ("entry", "index", "merge", "request")
+    __slots__ = ("connection", "entry", "index", "merge", "request")
 
     def __init__(self, entry: _Entry, index: int, request: LineRequest, merge: Any) -> None:
+        Call.__init__(self, entry.app.core, request.key, request.safe)
         self.entry = entry
         self.index = index
         self.request = request
         self.merge = merge
+        self.connection: MemberConnection | None = None
 
-    def __call__(self, member: Member) -> Deferred[bytes]:
-        app = self.entry.app
-        connection = app.connections.get(member)
-        if connection is None or connection.closed:
-            connection = app.connectionTo(member)
-        return connection.send(self.request)
+    attempt = _Entry.attempt  # type: ignore[assignment]
+    abandon = _Entry.abandon  # type: ignore[assignment]
 
-    def settle(self, result: Outcome | Failure) -> None:
+    @property
+    def app(self) -> LineAppProtocol:
+        return self.entry.app
+
+    def settled(self, value: bytes) -> None:
         entry = self.entry
-        if isinstance(result, Failure):
-            if result.check(RequestFailed):
-                entry.attempts += result.value.attempts
-                reason = result.value.reason
-            else:
-                reason = reasons.PROTOCOL_ERROR
-            if entry.failure is None:
-                entry.failure = reason
-        else:
-            entry.parts[self.index] = result.value  # type: ignore[index]
-            entry.attempts += result.attempts
-            upstream = result.member.upstream
-            entry.upstream = upstream if entry.upstream is None else f"{entry.upstream},{upstream}"
+        entry.parts[self.index] = value  # type: ignore[index]
+        entry.attempts += self.tries
+        upstream = self.member.upstream  # type: ignore[union-attr]
+        entry.upstream = upstream if entry.upstream is None else f"{entry.upstream},{upstream}"
+        self._partDone()
+
+    def failed(self, reason: str) -> None:
+        entry = self.entry
+        entry.attempts += self.tries
+        if entry.failure is None:
+            entry.failure = reason
+        self._partDone()
+
+    def _partDone(self) -> None:
+        entry = self.entry
         entry.partsLeft -= 1
         if entry.partsLeft:
             return
@@ -264,7 +273,7 @@ class LineAppProtocol(Protocol):
         batcher.depth += 1  # cork: one write per member connection for the burst
         try:
             queue = self.queue
-            coreRequest = self.core.request
+            submit = self.core.submit
             hashing = self.factory.hashing
             for request in requests:
                 entry = _Entry(self, request, now)
@@ -273,7 +282,7 @@ class LineAppProtocol(Protocol):
                     request.error is None and request.localReply is None
                     and (request.keys is None or not hashing)
                 ):
-                    coreRequest(entry, key=request.key, safe=request.safe).addBoth(entry.settle)
+                    submit(entry)
                 else:
                     self._submitOther(entry)
                 if request.close:
@@ -302,12 +311,9 @@ class LineAppProtocol(Protocol):
             entry.parts = [None] * len(parts)
             entry.partsLeft = len(parts)
             for i, partRequest in enumerate(parts):
-                part = _Part(entry, i, partRequest, merge)
-                d = self.core.request(part, key=partRequest.key, safe=partRequest.safe)
-                d.addBoth(part.settle)
+                self.core.submit(_Part(entry, i, partRequest, merge))
             return
-        d = self.core.request(entry, key=request.key, safe=request.safe)
-        d.addBoth(entry.settle)
+        self.core.submit(entry)
 
     def connectionTo(self, member: Member) -> MemberConnection:
         """This app connection's pooled connection to ``member``, (re)acquired."""
