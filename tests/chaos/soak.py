@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(FaultProxy(target=("127.0.0.1", port), seed=seed * 100 + i + len(proxies) * 10))
                 for i in range(2)
             ]
+        for fps in proxies.values():
+            for fp in fps:
+                fp.port  # noqa: B018 (listening before our ports are picked: no bind race)
         ports = {name: freePort() for name in ("web", "stream", "cache", "admin")}
 
         def upstreams(route: str) -> str:
@@ -550,6 +553,12 @@ upstreams = [{upstreams('cache')}]
         if ambassador.process.poll() is not None:
             problems.append(f"the ambassador exited ({ambassador.process.returncode})")
 
+        # a tcp connection's result is "ok" once a member connection was made (SPEC §4)
+        tcpResults = {
+            dict(labels)["result"]: int(value) for (name, labels), value in metrics.items()
+            if name == "ambassador_requests_total" and ("route", "stream") in labels
+            and dict(labels).get("result") != "ok"
+        }
         httpSummary = summary(httpOutcomes)
         rows = [
             ("web (http)", len(httpOutcomes), httpSummary["kinds"].get("ok", 0),
@@ -557,7 +566,9 @@ upstreams = [{upstreams('cache')}]
                                              if httpSummary["kinds"].get("truncated") else {})},
              httpSummary["kinds"].get("unanswered", 0)),
             ("stream (tcp)", len(tcp.outcomes), tcpKinds["ok"],
-             {k: v for k, v in tcpKinds.items() if k != "ok"}, tcpKinds["hung"]),
+             {**{f"{k} (echo cut)": v for k, v in tcpKinds.items() if k == "cut"},
+              **{k: v for k, v in tcpKinds.items() if k not in ("ok", "cut")},
+              **tcpResults}, tcpKinds["hung"]),
             ("cache (redis)", cache.commands, cache.kinds["ok"], dict(cache.reasons),
              cache.kinds["unanswered"]),
         ]

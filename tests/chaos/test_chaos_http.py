@@ -30,7 +30,7 @@ from httpload import HttpLoad, Outcome, auditHttp, summary
 from httpmember import HttpMember
 
 #: Load per scenario (each test stays well under 30 s: ~2 s start, this, ~5 s to settle).
-LOAD_SECONDS = 6.0
+LOAD_SECONDS = 5.0
 #: Idle member connections (the pool) and idle app connections close after this.
 IDLE = 2.0
 #: How much the RSS may grow over a scenario.
@@ -116,8 +116,9 @@ def chaosRig(tmp_path: Path, members: int, seed: int, timeout: str = "1s", deadl
             stack.enter_context(FaultProxy(target=("127.0.0.1", member.port), seed=seed + i))
             for i in range(members)
         ]
-        appPort, adminPort = freePort(), freePort()
+        # the proxies listen before our ports are picked (they bind port 0: no race)
         upstreams = ", ".join(f'"{fp.address}"' for fp in proxies)
+        appPort, adminPort = freePort(), freePort()
         config = f"""
 [defaults]
 connect_timeout = "500ms"
@@ -322,3 +323,41 @@ def test_everythingAtOnce(tmp_path: Path, seed: int) -> None:
         outcomes, _, _ = runScenario(rig, seed, truncationAllowed=True, clients=8,
                                      pathFor=lambda rng: f"/x?size={rng.choice((64, 4096, 20_000))}")
         assert summary(outcomes)["kinds"].get("ok", 0) > 0
+
+
+class _FakeMember:
+    """What the audit asks of a member: how often each (method, id) was applied."""
+
+    def __init__(self, applied: dict[tuple[str, str], int]) -> None:
+        from collections import Counter
+
+        self._applied = Counter(applied)
+
+    def applied(self) -> Any:
+        return self._applied
+
+
+def test_theAuditCatchesWhatItIsFor() -> None:
+    """The books checks fail on each thing they are meant to catch (no audit that passes
+    everything)."""
+    ok = Outcome("a", "GET", kind="ok", status=200, attempts=1, headerSeconds=0.1)
+    post = Outcome("p", "POST", kind="error", status=502, reason="reset", attempts=1)
+    clean = _FakeMember({("GET", "a"): 1, ("POST", "p"): 1})
+    assert auditHttp([ok, post], clean, None, "chaos", deadline=3.0) == []  # type: ignore[arg-type]
+
+    twice = _FakeMember({("GET", "a"): 1, ("POST", "p"): 2})
+    assert any("applied 2 times" in p for p in auditHttp([ok, post], twice, None, "chaos", 3.0))  # type: ignore[arg-type]
+    onlyA = _FakeMember({("GET", "a"): 1})
+    slow = attr.evolve(ok, headerSeconds=6.0)
+    assert any("deadline" in p for p in auditHttp([slow], onlyA, None, "chaos", 3.0))  # type: ignore[arg-type]
+    lost = Outcome("a", "GET")
+    assert any("unanswered" in p for p in auditHttp([lost], onlyA, None, "chaos", 3.0))  # type: ignore[arg-type]
+    cut = attr.evolve(ok, kind="truncated")
+    assert auditHttp([cut], onlyA, None, "chaos", 3.0)  # type: ignore[arg-type]
+    assert not auditHttp([cut], onlyA, None, "chaos", 3.0, truncationAllowed=True)  # type: ignore[arg-type]
+    metrics = {
+        ("ambassador_requests_total", frozenset({("route", "chaos"), ("result", "ok")})): 2.0,
+        ("ambassador_attempts_total", frozenset({("route", "chaos"), ("upstream", "u"), ("result", "ok")})): 1.0,
+        ("ambassador_retries_total", frozenset({("route", "chaos")})): 0.0,
+    }
+    assert any("requests_total" in p for p in auditHttp([ok], onlyA, metrics, "chaos", 3.0))  # type: ignore[arg-type]
