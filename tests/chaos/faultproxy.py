@@ -119,7 +119,7 @@ class FaultProxy:
 
     def __init__(
         self, target: tuple[str, int], seed: int = 0, port: int = 0,
-        startTimeout: float = 10.0,
+        startTimeout: float = 30.0,
     ) -> None:
         self.target = target
         self.seed = seed

@@ -39,7 +39,7 @@ class HttpMember:
     @ivar logPath: one ``METHOD ID PATH`` line per request applied.
     """
 
-    def __init__(self, logPath: Path, startTimeout: float = 10.0) -> None:
+    def __init__(self, logPath: Path, startTimeout: float = 30.0) -> None:
         self.logPath = Path(logPath)
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--log", str(self.logPath),
