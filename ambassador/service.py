@@ -225,7 +225,9 @@ class AmbassadorService(MultiService):
         self.config = config
         self.protocols = protocols  # a reload builds its new routes with these
         self.reactor = reactor
-        self.observers: list[Any] = []
+        from ambassador.resilience.core import ObserverList
+
+        self.observers: list[Any] = ObserverList()
         self.logObserver = logObserver
         self.routes: dict[str, RouteService] = {}
         #: The DNS resolver of discovery (ambassador.service.resolverOf), built on use.

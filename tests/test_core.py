@@ -795,3 +795,30 @@ def test_an_attempt_admitted_while_closed_does_not_free_a_half_open_trial():
     assert core.members[0].breaker.trials == 1  # the trial is still under way
     assert requestFailed(core.request(extra)).reason == "breaker-open"
     assert extra.calls == []
+
+
+def test_event_fan_out_sees_observers_added_and_removed_after_traffic() -> None:
+    """Events are dispatched through cached callables; an ObserverList (the
+    service's) invalidates them when an observer comes or goes."""
+    from ambassador.resilience.core import ObserverList, _Observers
+
+    class Seen:
+        def __init__(self) -> None:
+            self.events: list[tuple[Any, ...]] = []
+
+        def retried(self, *args: Any) -> None:
+            self.events.append(args)
+
+    first, second = Seen(), Seen()
+    observers = ObserverList([first])
+    events = _Observers(observers)
+    events.retried("r1")
+    observers.append(second)
+    events.retried("r2")
+    observers.remove(first)
+    events.retried("r3")
+    assert first.events == [("r1",), ("r2",)]
+    assert second.events == [("r2",), ("r3",)]
+    observers.remove(second)
+    events.retried("r4")  # nobody listens: nothing happens
+    assert second.events == [("r2",), ("r3",)]
