@@ -118,7 +118,9 @@ class _Entry(Call):
         member = self.member
         self.upstream = member.upstream if member is not None else None
         app = self.app
-        app._done(self, app.dialect.errorReply(reason))
+        # A request the member never answers (memcached noreply) gets no answer from
+        # us either (SPEC §4/line): an error reply would put the app out of step.
+        app._done(self, app.dialect.errorReply(reason) if self.request.expectsReply else b"")
 
 
 class _Part(Call):
