@@ -46,8 +46,13 @@ class MemcachedLoad(Dialect):
         ops = []
         for _ in range(12):
             n = next(seq)
-            kind = rng.choices(["set", "get", "mget", "incr", "log"], [3, 3, 1, 2, 2])[0]
-            if kind == "set":
+            kind = rng.choices(["set", "get", "mget", "incr", "log", "setq"], [3, 3, 1, 2, 2, 1])[0]
+            if kind == "setq":
+                # noreply: no answer, whatever happens to it (SPEC §4/line)
+                key, token = f"q:{cid}:{n}", f"q{cid}.{n}"
+                raw = b"set %s 0 0 %d noreply\r\n%s\r\n" % (key.encode(), len(token), token.encode())
+                ops.append(Op("setq", key, raw, token=token, noreply=True))
+            elif kind == "set":
                 key, token = f"k:{cid}:{n}", f"v{cid}.{n}." + "x" * rng.choice((0, 10, 300))
                 raw = b"set %s 0 0 %d\r\n%s\r\n" % (key.encode(), len(token), token.encode())
                 ops.append(Op("set", key, raw, token=token))
@@ -224,3 +229,39 @@ def test_blackholeLatencyAndAcceptClose(tmp_path: Path, memcachedMember) -> None
         assert attemptsOf(metrics, rig.proxies[0].address, "timeout") > 0
         assert monitor.maxBreaker.get(rig.proxies[0].address) == 2, monitor.maxBreaker
         assert summary(books)["verdicts"].get("ok", 0) > 0, summary(books)
+
+
+def test_failedNoreplyRequestsGetNoAnswer(tmp_path: Path, memcachedMember) -> None:
+    """A noreply request that fails (never connected, or reset after it was written)
+    gets no answer: an error reply would be taken for the next request's (SPEC §4/line)."""
+    from chaos.faultproxy import FaultProxy
+    from harness import Ambassador, freePort
+    from peers import refusingAddress
+    from redis_peer import RawClient
+
+    with FaultProxy(target=("127.0.0.1", memcachedMember.port), seed=1) as fp:
+        refused, reset = freePort(), freePort()
+        config = (
+            '[defaults]\nconnect_timeout = "300ms"\ntimeout = "1s"\ndeadline = "2s"\n'
+            '[defaults.retry]\nattempts = 1\n'
+            f'[[route]]\nname = "refused"\nprotocol = "line"\ndialect = "memcached"\n'
+            f'listen = "tcp:{refused}"\nupstreams = ["{refusingAddress()}"]\n'
+            f'[[route]]\nname = "reset"\nprotocol = "line"\ndialect = "memcached"\n'
+            f'listen = "tcp:{reset}"\nupstreams = ["{fp.address}"]\n'
+        )
+        with Ambassador(tmp_path, config=config):
+            client = RawClient(refused)
+            client.send(b"set a 0 0 1 noreply\r\nx\r\ndelete a noreply\r\nversion\r\n")
+            assert client.readUntil(lambda b: b.count(b"\r\n") >= 1) == (
+                b"SERVER_ERROR ambassador connect-failure\r\n")
+            assert not client.closedByPeer(timeout=0.5) and client.buffer == b""
+            client.close()
+            fp.set("reset_before_response")
+            client = RawClient(reset)
+            client.send(b"set b 0 0 1 noreply\r\nx\r\n")
+            time.sleep(0.5)  # written, then reset: failed, silently
+            fp.set("pass")
+            client.send(b"version\r\n")
+            assert client.readUntil(lambda b: b.count(b"\r\n") >= 1).startswith(b"VERSION ")
+            assert not client.closedByPeer(timeout=0.5) and client.buffer == b""
+            client.close()
