@@ -566,7 +566,7 @@ upstreams = [{upstreams('cache')}]
                                              if httpSummary["kinds"].get("truncated") else {})},
              httpSummary["kinds"].get("unanswered", 0)),
             ("stream (tcp)", len(tcp.outcomes), tcpKinds["ok"],
-             {**{f"{k} (echo cut)": v for k, v in tcpKinds.items() if k == "cut"},
+             {**({"echo cut": tcpKinds["cut"]} if tcpKinds["cut"] else {}),
               **{k: v for k, v in tcpKinds.items() if k not in ("ok", "cut")},
               **tcpResults}, tcpKinds["hung"]),
             ("cache (redis)", cache.commands, cache.kinds["ok"], dict(cache.reasons),
