@@ -241,3 +241,43 @@ def test_plain_lines_frame_the_same_however_split(lines, cuts) -> None:
     assert [raw for raw, *_ in whole] == lines
     assert all(safe for _, _, safe, *_ in whole)
     assert frameReplies(plainDialect.responseParser(), splitAt(data, cuts), [None] * len(lines)) == lines
+
+
+# --- hiredis framing (ambassador.protocols.line.redis._frameBurst) against the Python loop
+
+#: RESP elements a client may slip into a request array: redis refuses all but bulk
+#: strings, so the route must too, whichever of its two framings sees them.
+oddElement = st.sampled_from([
+    b"+OK\r\n", b":5\r\n", b"-ERR x\r\n", b"$-1\r\n", b"*1\r\n$1\r\na\r\n", b"$03\r\nabc\r\n",
+    b"=15\r\ntxt:Some string\r\n", b"%1\r\n$1\r\na\r\n$1\r\nb\r\n", b"_\r\n", b"#t\r\n",
+    b",1.5\r\n", b"(12\r\n", b"$+3\r\nabc\r\n", b"$3\r\nabcd\r\n",
+])
+bulk = arg.map(lambda a: b"$%d\r\n%s\r\n" % (len(a), a))
+element = st.one_of(bulk, bulk, bulk, oddElement)
+header = st.sampled_from([b"*%d\r\n", b"*0%d\r\n", b"*+%d\r\n", b"*%d \r\n"])
+
+
+@st.composite
+def requestStream(draw: st.DrawFn) -> bytes:
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        elements = draw(st.lists(element, min_size=0, max_size=4))
+        head = draw(st.one_of(st.just(b"*%d\r\n"), header))
+        out.append(head % len(elements) + b"".join(elements))
+    stream = b"".join(out)
+    return stream[:draw(st.integers(0, len(stream)))] if draw(st.booleans()) else stream
+
+
+@settings(max_examples=300, deadline=None)
+@given(requestStream(), st.booleans())
+def test_hiredis_framing_is_exactly_the_python_framing(stream, hashing) -> None:
+    import ambassador.protocols.line.redis as redis
+
+    route = HASHED if hashing else ROUTE
+    fast = frame(redisDialect.requestParser(route), [stream])
+    reader, redis._Reader = redis._Reader, None
+    try:
+        reference = frame(redisDialect.requestParser(route), [stream])
+    finally:
+        redis._Reader = reader
+    assert fast == reference

@@ -15,6 +15,11 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ambassador.interfaces import ILineDialect
+
+try:
+    from hiredis import Reader as _Reader
+except ImportError:  # pragma: no cover - hiredis is a dependency; the Python framing stays exact
+    _Reader = None
 from ambassador.protocols.line import MAX_LINE, LineRequest, ProtocolError, Stream
 
 #: Redis's own limits (proto-max-bulk-len, and the multibulk length it accepts).
@@ -181,6 +186,66 @@ def _arguments(raw: bytes) -> list[bytes]:
     return args
 
 
+#: Bursts up to this size are framed by hiredis first (see ``_frameBurst``); a larger
+#: buffer (a big value arriving) is framed by the Python loop, which copies it once.
+FAST_BURST = 64 * 1024
+
+
+def _digits(n: int) -> int:
+    return 1 if n < 10 else 2 if n < 100 else len(str(n))
+
+
+def _frameBurst(
+    buf: bytes, pos: int, plain: dict[bytes, bool], classify: Callable[..., LineRequest],
+    out: list[LineRequest],
+) -> int:
+    """Frame the complete arrays of bulk strings at the start of ``buf[pos:]`` with
+    hiredis's C reader; return where the Python loop takes over.
+
+    hiredis parses the commands (a fraction of a microsecond each, about a fifth of
+    the Python loop's cost under ``redis-benchmark -P 16``) but neither says where
+    each one ended nor refuses what redis refuses in a request (a status or an
+    integer among the arguments, leading zeros in a length).  So each command's
+    layout is checked against its parsed arguments: ``*N``, then per argument ``$``,
+    exactly the length's digits, CRLF, the bytes, CRLF.  That both proves it is the
+    strict form and gives its end.  At the first command that is not (or is
+    incomplete, inline, an empty array or over the limits) it stops, and the
+    Python loop, whose framing is the reference, goes on from there.
+    """
+    reader = _Reader()
+    reader.feed(buf, pos)
+    gets = reader.gets
+    while True:
+        try:
+            args = gets()
+        except Exception:  # noqa: BLE001 - hiredis.ProtocolError: the Python loop reports it
+            return pos
+        if type(args) is not list or not args or len(args) > MAX_ARGS:
+            return pos
+        n = len(args)
+        p = pos + 1 + _digits(n)
+        if buf[p] != 13 or buf[p + 1] != 10:
+            return pos
+        p += 2
+        for arg in args:
+            if type(arg) is not bytes or buf[p] != 36:  # $
+                return pos
+            size = len(arg)
+            p += 1 + _digits(size)
+            if buf[p] != 13 or buf[p + 1] != 10:
+                return pos
+            p += size + 4
+            if buf[p - 2] != 13 or buf[p - 1] != 10:
+                return pos
+        raw = buf[pos:p]
+        safe = plain.get(args[0])
+        if safe is not None:
+            out.append(LineRequest(raw, args[1] if n > 1 else None, safe))
+        else:
+            out.append(classify(args, raw))
+        pos = p
+
+
 class RedisRequestParser:
     """Frames one app connection's RESP2 stream into requests.
 
@@ -212,6 +277,8 @@ class RedisRequestParser:
         out: list[LineRequest] = []
         need = 0  # > 0: the buffer length needed to frame the request at pos
         try:
+            if _Reader is not None and buf[pos] == 42 and size - pos <= FAST_BURST:
+                pos = _frameBurst(buf, pos, plain, self.classify, out)
             while pos < size:
                 if buf[pos] != 42:  # not *: an inline command
                     eol = find(b"\n", pos)
