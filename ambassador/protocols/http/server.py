@@ -502,7 +502,13 @@ class AppConnection(Protocol):
     def _idleCheck(self) -> None:
         now = self.clock.seconds()
         idle = self.core.route.idleTimeout
-        if now - self.lastActivity >= idle:
+        active = self.active
+        if active is not None and active.bodyDone and active.pending is not None:
+            # The whole request is in and awaits its answer: timeout and deadline bound
+            # that wait and end it with an answer (as HAProxy's client timeout and
+            # Envoy's idle timeout leave a request awaiting its response alone).
+            self.idleCall = self.clock.callLater(idle, self._idleCheck)
+        elif now - self.lastActivity >= idle:
             self.idleCall = None
             # No byte either way for idle_timeout: close, without an answer (SPEC).
             self.abort()
