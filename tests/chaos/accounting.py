@@ -130,3 +130,12 @@ def steadyFdCount(pid: int, timeout: float = 5.0, interval: float = 0.1) -> int:
         time.sleep(interval)
         reads.append(fdCount(pid))
     return reads[-1]
+
+
+def assertTwistd(pid: int) -> int:
+    """``pid`` itself, once checked to be the twistd (not a shell or wrapper around it):
+    its descriptors and memory are the ones the leak checks judge."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"ambassador" in argv and any(b"twistd" in arg for arg in argv), argv
+    return pid

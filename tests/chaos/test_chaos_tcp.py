@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from accounting import (
+    assertTwistd,
     fdCount,
     metricSum,
     rssBytes,
@@ -269,7 +270,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             with Ambassador(tmp, config=config, args=()) as amb:
                 waitUntil(lambda: _answers(adminPort), 10)
                 setup = Setup(amb, adminPort, routes)
-                setup.baselineFds = steadyFdCount(setup.pid)
+                setup.baselineFds = steadyFdCount(assertTwistd(setup.pid))
                 # Warm-up: the first connections allocate what the process keeps
                 # (buffers, code paths); leaks are judged against what follows.
                 warm = Load(routes["resets"].listen, 0, 8, 1.0, (1000, 300_000), 5.0).run()

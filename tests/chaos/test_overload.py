@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from accounting import (
+    assertTwistd,
     fdsBesides,
     metricSum,
     scrapeMetrics,
@@ -133,6 +134,7 @@ def setup(fileLimit: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             waitUntil(lambda: _ready(adminPort), 10)
             memberOf = {name: members.port[upstream[name]] for name in listen}
             setup = Setup(amb, members, adminPort, listen, 0, memberOf)
+            assertTwistd(setup.pid)
             steadyFdCount(setup.pid)  # the /ready polls' connections are closed
             setup.baselineFds = fdsBesides(setup.pid, setup.memberPorts())
             yield setup
