@@ -45,6 +45,7 @@ class Rig:
     appPort: int
     adminPort: int
     deadline: float
+    idle: float = IDLE
     fdBaseline: int = 0
     rssBaseline: int = 0
 
@@ -107,7 +108,7 @@ class Monitor:
 
 @contextmanager
 def chaosRig(tmp_path: Path, members: int, seed: int, timeout: str = "1s", deadline: float = 3.0,
-             retry: str = "") -> Iterator[Rig]:
+             retry: str = "", idle: float = IDLE) -> Iterator[Rig]:
     """One twistd with one http route ("chaos") over ``members`` fault proxies in front of
     one recording HTTP member."""
     with ExitStack() as stack:
@@ -124,7 +125,7 @@ def chaosRig(tmp_path: Path, members: int, seed: int, timeout: str = "1s", deadl
 connect_timeout = "500ms"
 timeout = "{timeout}"
 deadline = "{deadline}s"
-idle_timeout = "{IDLE}s"
+idle_timeout = "{idle}s"
 
 [defaults.retry]
 attempts = 3
@@ -147,7 +148,7 @@ upstreams = [{upstreams}]
 """
         ambassador = stack.enter_context(Ambassador(
             tmp_path, config=config, args=["--admin", f"tcp:{adminPort}:interface=127.0.0.1"]))
-        rig = Rig(ambassador, member, proxies, appPort, adminPort, deadline)
+        rig = Rig(ambassador, member, proxies, appPort, adminPort, deadline, idle)
         scrapeMetrics(adminPort)  # the admin site is up (and its first connection closed)
         rig.fdBaseline = _settledFds(rig.pid)
         rig.rssBaseline = rssBytes(rig.pid)
@@ -166,10 +167,11 @@ def _settledFds(pid: int) -> int:
     return previous
 
 
-def runScenario(rig: Rig, seed: int, truncationAllowed: bool = False, **load: Any) -> tuple[list[Outcome], Monitor, dict]:
+def runScenario(rig: Rig, seed: int, truncationAllowed: bool = False, seconds: float = LOAD_SECONDS,
+                **load: Any) -> tuple[list[Outcome], Monitor, dict]:
     """Run the load, then check every rule that does not depend on the scenario."""
     with Monitor(rig) as monitor:
-        outcomes = HttpLoad(rig.appPort, LOAD_SECONDS, seed, **load).run()
+        outcomes = HttpLoad(rig.appPort, seconds, seed, **load).run()
     assert outcomes, "the load sent nothing"
 
     # Every answered request is counted once the exchange ends: wait for the count.
@@ -206,7 +208,7 @@ def _checkFdsBack(rig: Rig) -> None:
             f"{[fp.stats()['open'] for fp in rig.proxies]} member connections the proxies see"
         ) from None
     try:
-        waitUntil(lambda: fdCount(rig.pid) == rig.fdBaseline, 2 * IDLE + 3)
+        waitUntil(lambda: fdCount(rig.pid) == rig.fdBaseline, 2 * rig.idle + 3)
     except TimeoutError:
         raise AssertionError(
             f"fds {fdCount(rig.pid)} not back to {rig.fdBaseline} after the idle timeout; "
@@ -282,6 +284,17 @@ def test_latencyNearTheAttemptTimeout(tmp_path: Path) -> None:
         # a POST that timed out was applied by the member but never sent again
         timedOutPosts = [o for o in outcomes if o.method == "POST" and o.reason == "timeout"]
         assert all(o.attempts == 1 for o in timedOutPosts), timedOutPosts[:3]
+
+
+def test_answerSlowerThanTheIdleTimeoutStillComes(tmp_path: Path) -> None:
+    """A request whose answer takes longer than idle_timeout (but fits in timeout) is
+    answered: idle_timeout is for stalls, not for a request awaiting its answer.  (Found
+    by this suite: the app's connection used to be reset after idle_timeout.)"""
+    seed = 454
+    with chaosRig(tmp_path, 1, seed, timeout="3s", deadline=4.0, idle=1.0) as rig:
+        rig.proxies[0].set("latency", ms=700)  # 1.4 s to the headers, each way 700 ms
+        outcomes, _, _ = runScenario(rig, seed, seconds=3.0, clients=4)
+        assert summary(outcomes)["kinds"] == {"ok": len(outcomes)}, summary(outcomes)
 
 
 def test_throttledBigBodies(tmp_path: Path) -> None:
