@@ -776,10 +776,16 @@ class AppConnection(Protocol):
         self.headerCall = None
         reason = reasons.UNSUPPORTED if status == 501 else result
         data = errorResponse(reason, 0, True, status=status)
-        if self.active is not None:
-            # A pipelined request went bad: the exchange under way ends first, then
-            # the connection closes (writing now would interleave two responses).
-            self.active.closeAfter = True
+        parsing = self.parsing
+        if parsing is not None and parsing is not self.active and parsing in self.queue:
+            self.queue.remove(parsing)  # its own body went bad: it is the bad request
+        if self.active is not None or self.queue:
+            # A pipelined request went bad: the requests before it are answered first,
+            # in order, then the connection closes (writing now would interleave two
+            # responses, or answer an earlier request with this one's 400).
+            (self.queue[-1] if self.queue else self.active).closeAfter = True
+            if self.active is None:
+                self._startNext()
             return
         self.core.finished(RequestRecord(
             None, 0, result, self.clock.seconds() - self.headStarted,
@@ -800,7 +806,7 @@ class AppConnection(Protocol):
             self.closing = True
             self.transport.abortConnection()
             return
-        if exchange.closeAfter or self.closing:
+        if exchange.closeAfter or (self.closing and not self.queue):
             self.closing = True
             self.transport.loseConnection()
             return
