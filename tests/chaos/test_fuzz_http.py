@@ -286,7 +286,48 @@ def test_in_process_valid_requests_reach_the_member_once_as_sent(request, points
     assert (response["status"], response["body"]) == (200, b"ok")
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(st.lists(validRequest(), min_size=2, max_size=4), cuts, st.booleans())
+def test_in_process_pipelined_requests_answered_in_order(requests, points, defectLast) -> None:
+    """Keep-alive requests sent back to back, split anywhere: each reaches a member once,
+    in order, and the answers come back in order; a defective request after them is
+    answered after theirs, and reaches no member."""
+    app, transport, endpoint, clock = inProcess()
+    wire = b"".join(encodeRequest(r, close=False) for r in requests)
+    if defectLast:
+        wire += DEFECTS["space in a header name"][0](f"/{nextId()}")
+    feed(app, splitAt(wire, points))
+    answered: dict[int, int] = {}
+    for _ in range(4 * len(requests)):  # bounded: one answer per turn
+        pending = [(i, m) for i, m in enumerate(endpoint.connections)
+                   if m.transport.connected and len(memberSawOne(m)) > answered.get(i, 0)]
+        if not pending:
+            break
+        i, member = pending[0]
+        message = memberSawOne(member)[answered.get(i, 0)]
+        answered[i] = answered.get(i, 0) + 1
+        member.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(message["url"]), message["url"]))
+    seen = memberSaw(endpoint)
+    assert [m["url"] for m in seen] == [r["path"].encode() for r in requests]
+    assert [m["body"] for m in seen] == [r["body"] for r in requests]
+    responses = parseResponses(transport.value())
+    assert [r["body"] for r in responses[:len(requests)]] == [r["path"].encode() for r in requests]
+    assert all(r["status"] == 200 for r in responses[:len(requests)])
+    if defectLast:  # answered 400 after the others, or closed without an answer
+        assert [r["status"] for r in responses[len(requests):]] in ([400], [])
+        assert not transport.connected
+    else:
+        assert len(responses) == len(requests) and transport.connected
+
+
+def memberSawOne(protocol: Any) -> list[dict[str, Any]]:
+    strict = StrictRequests()
+    strict.parser.feed_data(protocol.transport.value())
+    return [m for m in strict.messages if m["complete"]]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.sampled_from(sorted(DEFECTS)), cuts)
 def test_in_process_invalid_requests_never_reach_a_member(defect, points) -> None:
     build, status = DEFECTS[defect]
@@ -520,6 +561,28 @@ def test_real_garbage_is_refused_or_served_and_the_process_lives(routed, junk, p
         assert after == before, "a rejected first request reached the member"
     with member.lock:
         assert member.errors == [], f"the member got invalid HTTP: {member.errors[:1]!r}"
+    stillServing(amb, pid, port)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(validRequest(), min_size=1, max_size=3), st.sampled_from(sorted(DEFECTS)), cuts)
+def test_real_pipelined_requests_before_a_bad_one_are_answered_first(routed, requests, defect, points) -> None:
+    amb, port, member = routed
+    pid = amb.process.pid
+    badPath = f"/{nextId()}"
+    before = member.snapshot()[1]
+    wire = b"".join(encodeRequest(r, close=False) for r in requests) + DEFECTS[defect][0](badPath)
+    data, closed = roundTrip(port, splitAt(wire, points), idle=HEADER_TIMEOUT + 2)
+    responses = parseResponses(data)
+    assert [(r["status"], r["body"]) for r in responses[:len(requests)]] == [
+        (200, r["path"].encode()) for r in requests], (defect, data[:400])
+    assert [r["status"] for r in responses[len(requests):]] in ([DEFECTS[defect][1]], []), defect
+    assert closed
+    with member.lock:
+        urls = [m["url"] for m in member.requests[before:]]
+        assert member.errors == []
+    assert urls == [r["path"].encode() for r in requests], (defect, urls)
     stillServing(amb, pid, port)
 
 
