@@ -271,24 +271,30 @@ from redis_peer import memcachedServer, redisServer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def lineRoutes(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """One twistd with a redis and a memcached route to real servers, for every example."""
+    """One twistd for every example: a redis and a memcached route to a real server each,
+    and one of each with ``balance = "hash"`` over two (multi-key commands split)."""
     tmp = tmp_path_factory.mktemp("fuzzline")
-    redisMember, mcMember = redisServer(), memcachedServer()
-    redisPort, mcPort = freePort(), freePort()
+    servers = [redisServer(), memcachedServer(), redisServer(), memcachedServer()]
+    redisMember, mcMember, redis2, mc2 = servers
+    redisPort, mcPort, redisHashPort, mcHashPort = freePort(), freePort(), freePort(), freePort()
     config = (
-        '[defaults]\ntimeout = "2s"\ndeadline = "4s"\n'
+        '[defaults]\ntimeout = "2s"\ndeadline = "4s"\naccess_log = false\n'
         '[[route]]\nname = "fuzzredis"\nprotocol = "line"\ndialect = "redis"\n'
-        f'listen = "tcp:{redisPort}"\nupstreams = ["{redisMember.address}"]\naccess_log = false\n'
+        f'listen = "tcp:{redisPort}"\nupstreams = ["{redisMember.address}"]\n'
         '[[route]]\nname = "fuzzmc"\nprotocol = "line"\ndialect = "memcached"\n'
-        f'listen = "tcp:{mcPort}"\nupstreams = ["{mcMember.address}"]\naccess_log = false\n'
+        f'listen = "tcp:{mcPort}"\nupstreams = ["{mcMember.address}"]\n'
+        '[[route]]\nname = "fuzzredishash"\nprotocol = "line"\ndialect = "redis"\nbalance = "hash"\n'
+        f'listen = "tcp:{redisHashPort}"\nupstreams = ["{redisMember.address}", "{redis2.address}"]\n'
+        '[[route]]\nname = "fuzzmchash"\nprotocol = "line"\ndialect = "memcached"\nbalance = "hash"\n'
+        f'listen = "tcp:{mcHashPort}"\nupstreams = ["{mcMember.address}", "{mc2.address}"]\n'
     )
     amb = Ambassador(tmp, config=config)
     try:
-        yield amb, redisPort, mcPort
+        yield amb, redisPort, mcPort, redisHashPort, mcHashPort
     finally:
         amb.stop()
-        redisMember.stop()
-        mcMember.stop()
+        for server in servers:
+            server.stop()
 
 
 def exchange(port: int, data: bytes, timeout: float = 8.0) -> bytes:
@@ -386,7 +392,7 @@ def stillServing(amb: Ambassador, pid: int, redisPort: int, mcPort: int) -> None
 @given(st.lists(redisCommand, max_size=3), respGarbage)
 @example([], b"*1\r\n$" + HUGE + b"\r\n")
 def test_garbage_to_a_real_redis_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
-    amb, redisPort, mcPort = lineRoutes
+    amb, redisPort, mcPort, *_ = lineRoutes
     data = b"".join(valid) + junk
     answer = exchange(redisPort, data)
     checkAnswers(redisDialect, ROUTE, data, answer)
@@ -398,7 +404,7 @@ def test_garbage_to_a_real_redis_route_is_answered_in_order(lineRoutes, valid, j
 @given(st.lists(mcCommand, max_size=3), mcGarbage)
 @example([], b"set k 0 0 " + HUGE + b"\r\n")
 def test_garbage_to_a_real_memcached_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
-    amb, redisPort, mcPort = lineRoutes
+    amb, redisPort, mcPort, *_ = lineRoutes
     data = b"".join(valid) + junk
     answer = exchange(mcPort, data)
     checkAnswers(memcachedDialect, ROUTE, data, answer)
@@ -407,7 +413,7 @@ def test_garbage_to_a_real_memcached_route_is_answered_in_order(lineRoutes, vali
 
 @pytest.mark.parametrize("data", REDIS_MALFORMED, ids=lambda d: repr(d[:24]))
 def test_malformed_redis_request_to_real_route_gets_protocol_error_and_close(lineRoutes, data) -> None:
-    amb, redisPort, mcPort = lineRoutes
+    amb, redisPort, mcPort, *_ = lineRoutes
     pid = amb.process.pid
     sock = socket.create_connection(("127.0.0.1", redisPort), timeout=5)
     try:
@@ -429,7 +435,7 @@ def test_malformed_redis_request_to_real_route_gets_protocol_error_and_close(lin
 
 @pytest.mark.parametrize("data", MC_MALFORMED, ids=lambda d: repr(d[:24]))
 def test_malformed_memcached_request_to_real_route_gets_protocol_error_and_close(lineRoutes, data) -> None:
-    amb, redisPort, mcPort = lineRoutes
+    amb, redisPort, mcPort, *_ = lineRoutes
     pid = amb.process.pid
     sock = socket.create_connection(("127.0.0.1", mcPort), timeout=5)
     try:
@@ -449,3 +455,40 @@ def test_malformed_memcached_request_to_real_route_gets_protocol_error_and_close
     assert answer.endswith(b"\r\nSERVER_ERROR ambassador protocol-error\r\n")
     assert answer.count(b"\r\n") == 2
     stillServing(amb, pid, redisPort, mcPort)
+
+
+multiKey = st.lists(st.sampled_from([b"a", b"b", b"c", b"d", b"k", b"key", b"x" * 30]), min_size=1, max_size=6)
+redisMulti = st.one_of(
+    multiKey.map(lambda ks: encode([b"MGET", *ks])),
+    multiKey.map(lambda ks: encode([b"DEL", *ks])),
+    multiKey.map(lambda ks: encode([b"EXISTS", *ks])),
+    multiKey.map(lambda ks: encode([b"MSET", *(x for k in ks for x in (k, b"v" + k))])),
+    multiKey.map(lambda ks: encode([b"MSET", *ks])),  # odd: not split, redis answers the error
+)
+mcMulti = st.one_of(
+    multiKey.map(lambda ks: b"get " + b" ".join(ks) + b"\r\n"),
+    multiKey.map(lambda ks: b"gets " + b" ".join(ks) + b"\r\n"),
+    multiKey.map(lambda ks: b"".join(b"set %s 0 0 1\r\nv\r\n" % k for k in ks)),
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(redisMulti, redisCommand), max_size=4), respGarbage)
+def test_garbage_to_a_real_hashed_redis_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
+    amb, redisPort, mcPort, redisHashPort, _ = lineRoutes
+    data = b"".join(valid) + junk
+    answer = exchange(redisHashPort, data)
+    checkAnswers(redisDialect, HASHED, data, answer)
+    stillServing(amb, amb.process.pid, redisHashPort, mcPort)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(mcMulti, mcCommand), max_size=4), mcGarbage)
+def test_garbage_to_a_real_hashed_memcached_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
+    amb, redisPort, mcPort, _, mcHashPort = lineRoutes
+    data = b"".join(valid) + junk
+    answer = exchange(mcHashPort, data)
+    checkAnswers(memcachedDialect, HASHED, data, answer)
+    stillServing(amb, amb.process.pid, redisPort, mcHashPort)
