@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
+import json
 import random
 import selectors
 import socket
@@ -349,7 +351,7 @@ def test_member_resets_before_and_mid_response(setup: Setup) -> None:
     route.proxy.set("random", p=0.3, modes=["reset_before_response", "reset_mid_response"],
                     after=1000)
     try:
-        conns = Load(route.listen, 11, 24, 5.0, (2000, 200_000), DEADLINE + SLACK).run()
+        conns = Load(route.listen, 11, 24, 4.0, (2000, 200_000), DEADLINE + SLACK).run()
     finally:
         route.proxy.set("pass")
     ended = _ended(conns)
@@ -379,7 +381,7 @@ def test_member_that_flaps_into_a_blackhole_is_closed_after_idle_timeout(setup: 
     # the idle check runs every idle_timeout / 8: closed between 1x and 1.125x
     hangAfter = IDLE_TIMEOUT * 1.125 + SLACK
     try:
-        conns = Load(route.listen, 12, 16, 5.0, (100, 20_000), hangAfter).run()
+        conns = Load(route.listen, 12, 16, 4.0, (100, 20_000), hangAfter).run()
     finally:
         route.proxy.set("pass")
     ended = _ended(conns)
@@ -459,6 +461,11 @@ def test_a_dead_member_opens_its_breaker_and_the_live_one_takes_every_connection
     assert metricSum(after, "ambassador_breaker_state", route=route.name, upstream=dead) == 2
     assert metricSum(after, "ambassador_breaker_state", route=route.name, upstream=live) == 0
     assert sum(int(line["attempts"]) for line in lines) == len(conns) + failed
+    # /status tells the same: the dead member open with its failures, the live one closed.
+    members = {m["upstream"]: m for m in _status(setup, route)["members"]}
+    assert members[dead]["breaker"] == "open"
+    assert members[dead]["failures"] >= failed
+    assert members[live]["breaker"] == "closed"
 
 
 def test_an_unreachable_member_closes_every_app_connection_within_the_deadline(setup: Setup) -> None:
@@ -468,7 +475,7 @@ def test_an_unreachable_member_closes_every_app_connection_within_the_deadline(s
     route = setup.routes["unreachable"]
     before = _snapshot(setup, route)
     hangAfter = DEADLINE + SLACK
-    conns = Load(route.listen, 16, 16, 3.0, (10, 1000), hangAfter).run()
+    conns = Load(route.listen, 16, 8, 2.0, (10, 1000), hangAfter).run()
     ended = _ended(conns)
     assert set(ended) <= {"reset", "closed-early"}, ended
     assert all(c.received == 0 and c.ended - c.started <= hangAfter for c in conns)  # type: ignore[operator]
@@ -487,6 +494,17 @@ def test_an_unreachable_member_closes_every_app_connection_within_the_deadline(s
         else:  # each of its attempts waited for connect_timeout
             assert float(line["duration_ms"]) >= 0.9 * 1000 * CONNECT_TIMEOUT * int(line["attempts"])
     assert metricSum(after, "ambassador_breaker_state", route=route.name) == 2
+
+
+def _status(setup: Setup, route: Route) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", setup.adminPort, timeout=5)
+    try:
+        conn.request("GET", f"/status?route={route.name}")
+        response = conn.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())["routes"][0]
+    finally:
+        conn.close()
 
 
 def _answers(adminPort: int) -> bool:
