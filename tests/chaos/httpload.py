@@ -64,12 +64,14 @@ class HttpLoad:
     @param pathFor: draws a request's path (and so its answer's size and delay).
     @param postShare: the share of requests that are POSTs (unsafe: never replayed).
     @param keepAliveShare: the share of connections that carry several requests.
+    @param postBytes: the range of a POST body's size.
     """
 
     def __init__(
         self, port: int, seconds: float, seed: int, clients: int = 8,
         pathFor: PathChooser = smallPaths, postShare: float = 0.3,
         keepAliveShare: float = 0.6, timeout: float = 20.0, pause: float = 0.0,
+        postBytes: tuple[int, int] = (16, 600),
     ) -> None:
         self.port = port
         self.seconds = seconds
@@ -80,6 +82,7 @@ class HttpLoad:
         self.keepAliveShare = keepAliveShare
         self.timeout = timeout
         self.pause = pause
+        self.postBytes = postBytes
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -131,7 +134,10 @@ class HttpLoad:
         headers = {"x-request-id": requestId}
         if not keepAlive:
             headers["Connection"] = "close"
-        body = (requestId.encode() + b";") * rng.randint(1, 40) if method == "POST" else None
+        body = None
+        if method == "POST":
+            unit = requestId.encode() + b";"
+            body = unit * (rng.randint(*self.postBytes) // len(unit) + 1)
         started = time.monotonic()
         try:
             conn.request(method, path, body=body, headers=headers)

@@ -238,17 +238,19 @@ def test_resetsBeforeTheResponse(tmp_path: Path) -> None:
         assert sum(o.kind == "ok" for o in gets) > 0.8 * len(gets), summary(outcomes)
 
 
-def test_resetsMidBodyOfLargeResponses(tmp_path: Path) -> None:
+def test_resetsMidBodyOfLargeResponsesAndUploads(tmp_path: Path) -> None:
     seed = 202
     with chaosRig(tmp_path, 2, seed) as rig:
         # cut in the body of a big answer (the app already has the headers) ...
         rig.proxies[0].schedule([
             (1.0, "random", {"p": 0.5, "modes": ["reset_mid_response"], "after": 120_000}),
-            (1.0, "random", {"p": 0.5, "modes": ["reset_mid_response"], "after": 30_000}),
+            (1.0, "random", {"p": 0.5, "modes": ["reset_mid_response"], "after": 30_000, "kill": True}),
         ])
         # ... and in the head (before the app has anything: retried for GET)
         rig.proxies[1].set("random", p=0.3, modes=["reset_mid_response"], after=100)
-        outcomes, _, _ = runScenario(rig, seed, truncationAllowed=True, clients=6, pathFor=bigPaths)
+        # big uploads too, some over max_retry_body (1 MiB): cut, never sent twice
+        outcomes, _, _ = runScenario(rig, seed, truncationAllowed=True, clients=6, pathFor=bigPaths,
+                                     postBytes=(50_000, 1_500_000))
         kinds = summary(outcomes)["kinds"]
         assert kinds.get("truncated", 0) > 0, kinds  # the scenario did cut bodies
         assert kinds.get("ok", 0) > kinds.get("truncated", 0), kinds
