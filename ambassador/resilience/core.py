@@ -480,7 +480,7 @@ class Call:
 
     __slots__ = (
         "core", "key", "safe", "retryOn", "attemptTimeout", "deadlineAt", "tries", "tried",
-        "member", "timer", "sleeper", "cancelled", "lastFailure", "started", "trace",
+        "member", "timer", "sleeper", "cancelled", "lastFailure", "trace",
         "waitFrom", "attemptLeft", "trial", "attemptStarted", "open", "expiry", "reason",
         "budgetExhausted", "traceValue",
     )
@@ -532,8 +532,7 @@ class Call:
 
     def start(self) -> None:
         core = self.core
-        self.started = now = core.clock.seconds()
-        self.deadlineAt = now + core.route.deadline
+        self.deadlineAt = core.clock.seconds() + core.route.deadline
         core.budget.recordRequest()
         self._next()
 

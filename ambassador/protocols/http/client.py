@@ -3,7 +3,7 @@
 A :class:`MemberConnection` carries one exchange at a time: it writes the request
 head (and the request body, streamed or replayed), parses the response with
 ``httptools`` (llhttp, the C parser of Node.js) and hands the response head to the
-attempt's Deferred once the head is complete *and* the bytes of the current read are
+attempt's core call (the ``Exchange``) once the head is complete *and* the bytes of the current read are
 parsed, so a small response arrives with its whole body and goes to the app in one
 write.  Reusing connections is the normal case: an idle connection goes back to its
 member's LIFO pool (the most recently used one is the warmest), capped in size and
@@ -41,15 +41,6 @@ _PLAIN_TOKENS = frozenset({b"keep-alive", b"close"})
 #: size for every recv() and, above glibc's mmap threshold (128 KiB), a 256 KiB read
 #: of a 300-byte answer costs ~23 us more than a 64 KiB one (measured here).
 READ_SIZE = 64 * 1024
-
-
-class StaleConnection(Exception):
-    """A reused connection died before any byte of the response: most likely the
-    member closed it while idle, as our request crossed its FIN.  For a request that
-    may be repeated (``retry_methods``, body kept) the attempt is redone once on a
-    fresh connection and not counted as an attempt (Go's net/http does the same);
-    any other request reports ``reset`` (Envoy's behaviour), since the member may
-    have acted on it."""
 
 
 class Response:
@@ -127,7 +118,9 @@ class MemberConnection(Protocol):
         self.member = member
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self.attemptDeferred: Deferred[Response] | None = None
+        #: The exchange whose attempt awaits its response head here (reported to
+        #: with ``attemptSucceeded``/``attemptFailed``); None once reported.
+        self.attemptCall: Exchange | None = None
         self.response: Response | None = None
         self.headerList: list[tuple[bytes, bytes]] = []
         self.statusReason = b""
@@ -168,24 +161,30 @@ class MemberConnection(Protocol):
         self.pool.lost(self)
         response = self.response
         exchange = self.exchange
-        d, self.attemptDeferred = self.attemptDeferred, None
+        call, self.attemptCall = self.attemptCall, None
         if (response is not None and self.headReady and not response.complete
                 and response.closeDelimited and exchange is not None):
             # The body ended with the connection: that is its framing.
             response.complete = True
             consumer = response.consumer
             self._finish()
-            if d is not None:
-                self._fire(d, response, exchange)
+            if call is not None:
+                self._fire(call, response)
             elif consumer is not None:
                 consumer.responseDone()
             return
-        if d is not None:
+        if call is not None:
             if (self.reused and self.received == 0 and exchange is not None
                     and exchange.replayable and exchange.safeMethod):
-                d.errback(StaleConnection())
+                # A reused connection died before any byte of the response: most
+                # likely the member closed it while idle, as our request crossed its
+                # FIN.  A request that may be repeated (retry_methods, body kept) is
+                # redone once on a fresh connection, not counted as an attempt (Go's
+                # net/http does the same); any other reports ``reset`` (Envoy's
+                # behaviour), since the member may have acted on it.
+                call.stale()
             else:
-                d.errback(AttemptFailed(reasons.RESET))
+                call.attemptFailed(AttemptFailed(reasons.RESET))
         elif response is not None and not response.complete:
             response.failed = True
             if response.consumer is not None:
@@ -197,26 +196,20 @@ class MemberConnection(Protocol):
 
     # --- sending ---------------------------------------------------------------------
 
-    def send(self, exchange: Exchange, host: bytes) -> Deferred[Response]:
-        """Start one exchange on this connection; fires with the response head."""
+    def send(self, exchange: Exchange, host: bytes) -> None:
+        """Start one exchange on this connection; the exchange is told of the
+        response head (or of the failure) as its core call."""
         self.exchange = exchange
         self.response = None
         self.headReady = False
         self.headerList = []
         self.received = 0
         self.requestDone = False
-        d: Deferred[Response] = Deferred(self._cancel)
-        self.attemptDeferred = d
+        self.attemptCall = exchange
         if self.readPaused:
             self.readPaused = False
             self.transport.resumeProducing()
         exchange.sendTo(self, host)
-        return d
-
-    def _cancel(self, d: Deferred[Response]) -> None:
-        """The core gave up on this attempt (timeout, deadline, the app left)."""
-        self.attemptDeferred = None
-        self.abandon()
 
     def requestWritten(self) -> None:
         """The exchange wrote the last byte of its request body."""
@@ -242,15 +235,15 @@ class MemberConnection(Protocol):
             self.skipBody = False
             self.parser = httptools.HttpResponseParser(self)
             self._messageComplete()
-        d = self.attemptDeferred
+        call = self.attemptCall
         response = self.response
-        if d is not None and self.headReady and response is not None:
-            self.attemptDeferred = None
+        if call is not None and self.headReady and response is not None:
+            self.attemptCall = None
             if response.complete:
                 self._finish()
-            self._fire(d, response, exchange)
+            self._fire(call, response)
 
-    def _fire(self, d: Deferred[Response], response: Response, exchange: Exchange) -> None:
+    def _fire(self, exchange: Exchange, response: Response) -> None:
         status = response.status
         if status in exchange.retryStatuses:
             retryAfter = None
@@ -263,17 +256,17 @@ class MemberConnection(Protocol):
                 self._pauseReading()
             # The core may retry (the next attempt drops this response) or hand it back.
             exchange.held = response
-            d.errback(AttemptFailed(str(status), response=response, retryAfter=retryAfter))
+            exchange.attemptFailed(AttemptFailed(str(status), response=response, retryAfter=retryAfter))
         else:
-            d.callback(response)
+            exchange.attemptSucceeded(response)
 
     def _garbage(self) -> None:
-        d = self.attemptDeferred
+        call = self.attemptCall
         response = self.response
-        self.attemptDeferred = None
+        self.attemptCall = None
         self.abandon()
-        if d is not None:
-            d.errback(AttemptFailed(reasons.PROTOCOL_ERROR))
+        if call is not None:
+            call.attemptFailed(AttemptFailed(reasons.PROTOCOL_ERROR))
         elif response is not None and not response.complete:
             response.failed = True
             if response.consumer is not None:
@@ -342,7 +335,7 @@ class MemberConnection(Protocol):
             response.held.append(body)
             response.heldSize += len(body)
             if (response.heldSize > HOLD_LIMIT and not self.readPaused
-                    and self.attemptDeferred is None):
+                    and self.attemptCall is None):
                 self._pauseReading()
 
     def on_message_complete(self) -> None:
@@ -357,8 +350,8 @@ class MemberConnection(Protocol):
         if response is None or response.complete:
             return
         response.complete = True
-        if self.attemptDeferred is not None:
-            return  # dataReceived fires the attempt once this read is parsed
+        if self.attemptCall is not None:
+            return  # dataReceived reports the attempt once this read is parsed
         consumer = response.consumer
         self._finish()
         if consumer is not None:

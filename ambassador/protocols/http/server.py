@@ -17,16 +17,14 @@ from typing import Any
 
 import httptools
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ambassador.resilience import reasons
-from ambassador.resilience.core import RequestRecord
-from ambassador.resilience.reasons import RequestFailed
+from ambassador.resilience.core import Call, RequestRecord
 
-from .client import MemberConnection, MemberPool, Response, StaleConnection
+from .client import MemberConnection, MemberPool, Response
 from .headers import MAX_HEAD, connectionTokens, errorResponse, reasonPhrase
 from .transport import writerFor
 
@@ -143,7 +141,7 @@ class RouteSettings:
             return host
 
 
-class Exchange:
+class Exchange(Call):
     """One request from the app and the response it gets."""
 
     __slots__ = (
@@ -158,6 +156,7 @@ class Exchange:
         "chunkOut",
         "chunks",
         "closeAfter",
+        "connecting",
         "contentLength",
         "expectContinue",
         "finished",
@@ -165,6 +164,7 @@ class Exchange:
         "headWritten",
         "held",
         "hostIn",
+        "hostOut",
         "http10",
         "keepAlive",
         "maxRetryBody",
@@ -177,14 +177,15 @@ class Exchange:
         "sink",
         "started",
         "status",
-        "trace",
         "upstream",
+        "via",
     )
 
     def __init__(self, app: AppConnection, method: bytes, head: bytes, hostIn: bytes | None,
                  keepAlive: bool, http10: bool, bodyKind: int, contentLength: bytes | None,
                  expectContinue: bool, headSize: int) -> None:
         settings = app.settings
+        Call.__init__(self, app.core, None, True, settings.retryOn, None, settings.trace)
         self.app = app
         self.method = method
         self.head = head
@@ -214,34 +215,30 @@ class Exchange:
         self.finished = False
         self.retryStatuses = settings.retryStatuses
         self.maxRetryBody = settings.maxRetryBody
-        self.trace: str | None = None
+        #: The fresh connection being made for the attempt under way, or the member
+        #: connection it was sent on, and the Host it was sent with.
+        self.connecting: Any = None
+        self.via: MemberConnection | None = None
+        self.hostOut = b""
         self.bodyless = method == b"HEAD"
         self.safeMethod = method in settings.retryMethods
 
     # --- running attempts --------------------------------------------------------------
 
-    def start(self) -> None:
+    def begin(self) -> None:
+        """Hand the request to the route's core (this exchange is its ``Call``)."""
         app = self.app
-        settings = app.settings
         if self.expectContinue and not self.bodyDone:
             # Answered here (as nginx and HAProxy do): the member gets no Expect.
             app.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        safe: Any
         if not self.safeMethod:
-            safe = False
-        elif self.bodyKind == _NO_BODY:
-            safe = True
-        else:
-            safe = _Safety(self)
-        core = app.core
-        if settings.trace:
-            d = core.request(self.attempt, safe=safe, retryOn=settings.retryOn, trace=True)
-        else:
-            d = core.request(self.attempt, safe=safe, retryOn=settings.retryOn)
-        self.pending = d
-        d.addCallbacks(self._outcome, self._failed)
+            self.safe = False
+        elif self.bodyKind != _NO_BODY:
+            self.safe = _Safety(self)
+        self.pending = True
+        app.core.submit(self)
 
-    def attempt(self, member: Any) -> Any:
+    def attempt(self, member: Any) -> None:
         """One attempt on ``member``: a pooled connection when there is one."""
         held = self.held
         if held is not None:
@@ -251,21 +248,53 @@ class Exchange:
         host = app.settings.hostFor(member)
         if host is None:
             host = self.hostIn or b"localhost"
+        self.hostOut = host
         connection = app.pool.take(member)
         if connection is None:
-            return self._fresh(member, host)
-        d = connection.send(self, host)
-        d.addErrback(self._stale, member, host)
-        return d
+            self._fresh(member)
+            return
+        self.via = connection
+        connection.send(self, host)
 
-    def _fresh(self, member: Any, host: bytes) -> Any:
+    def _fresh(self, member: Any) -> None:
         d = self.app.pool.connect(member)
-        d.addCallback(MemberConnection.send, self, host)
-        return d
+        self.connecting = d
+        d.addCallbacks(self._connected, self._connectFailed, callbackArgs=(d,), errbackArgs=(d,))
 
-    def _stale(self, failure: Failure, member: Any, host: bytes) -> Any:
-        failure.trap(StaleConnection)
-        return self._fresh(member, host)
+    def _connected(self, connection: MemberConnection, d: Any) -> None:
+        if self.connecting is not d:  # pragma: no cover - abandoned attempts cancel d
+            connection.abandon()
+            return
+        self.connecting = None
+        self.via = connection
+        connection.send(self, self.hostOut)
+
+    def _connectFailed(self, failure: Failure, d: Any) -> None:
+        if self.connecting is d:
+            self.connecting = None
+            self.attemptFailed(failure)
+
+    def stale(self) -> None:
+        """The reused connection of this attempt died before any byte of the response
+        (see ``MemberConnection.connectionLost``): the attempt goes on, on a fresh
+        connection."""
+        if self.open:
+            self.via = None
+            self._fresh(self.member)
+
+    def abandon(self) -> None:
+        """The core gave up on the attempt (timeout, deadline, the app left)."""
+        d = self.connecting
+        if d is not None:
+            self.connecting = None
+            d.cancel()
+            return
+        via = self.via
+        if via is not None:
+            self.via = None
+            if via.attemptCall is self:
+                via.attemptCall = None
+            via.abandon()
 
     def sendTo(self, connection: MemberConnection, host: bytes) -> None:
         """Write the request (head and the body so far) to a member connection."""
@@ -338,41 +367,35 @@ class Exchange:
 
     # --- the outcome -------------------------------------------------------------------
 
-    def _outcome(self, outcome: Any) -> None:
+    def settled(self, response: Response) -> None:
+        """The core's verdict with a response (the member's, maybe a retryable
+        status that retries could not better)."""
         self.pending = None
         self.held = None
-        self.attempts = outcome.attempts
-        self.upstream = outcome.member.upstream
-        self.result = outcome.reason
-        self.trace = getattr(outcome, "trace", None)
+        self.via = None
+        self.attempts = self.tries
+        self.upstream = self.member.upstream  # type: ignore[union-attr]
+        self.result = self.reason
         extra = b""
-        if outcome.budgetExhausted:
+        if self.budgetExhausted:
             self.result = reasons.BUDGET_EXHAUSTED
             extra = b"x-ambassador-error: budget-exhausted\r\n"
         if self.app.closed:
-            response = outcome.value
             response.discard()
             return
-        self.app.respond(self, outcome.value, extra)
+        self.app.respond(self, response, extra)
 
-    def _failed(self, failure: Failure) -> None:
+    def failed(self, reason: str) -> None:
+        """The core's verdict without a response: answer with the SPEC status."""
         self.pending = None
+        self.via = None
         held = self.held
         if held is not None:
             self.held = None
             held.discard()
-        if failure.check(CancelledError):
-            return  # the app went away
-        if failure.check(RequestFailed):
-            error = failure.value
-            self.attempts = error.attempts
-            self.upstream = error.member.upstream if error.member is not None else None
-            self.trace = getattr(error, "trace", None)
-            reason = error.reason
-        else:
-            log.failure("route {route}: request failed unexpectedly", failure,
-                        route=self.app.core.name)
-            reason = reasons.PROTOCOL_ERROR
+        self.attempts = self.tries
+        member = self.member
+        self.upstream = member.upstream if member is not None else None
         if not self.app.closed:
             self.app.respondError(self, reason)
 
@@ -477,7 +500,8 @@ class AppConnection(Protocol):
         if active is not None and not active.finished:
             active.result = CLIENT_CLOSED if active.result == reasons.OK else active.result
             if active.pending is not None:
-                active.pending.cancel()
+                active.pending = None
+                active.cancel()
             sink = active.sink
             if sink is not None:
                 sink.abandon()
@@ -689,7 +713,7 @@ class AppConnection(Protocol):
             exchange.closeAfter = True
             self.respondError(exchange, reasons.OVERLOADED)
             return
-        exchange.start()
+        exchange.begin()
 
     def respond(self, exchange: Exchange, response: Response, extra: bytes) -> None:
         """Send the member's response head and whatever body came with it."""
@@ -706,8 +730,8 @@ class AppConnection(Protocol):
                 exchange.chunkOut = True
                 parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"x-ambassador-attempts: %d\r\n" % exchange.attempts)
-        if exchange.trace is not None:
-            parts.append(b"x-ambassador-trace: %s\r\n" % exchange.trace.encode("ascii", "replace"))
+        if exchange.traceValue is not None:
+            parts.append(b"x-ambassador-trace: %s\r\n" % exchange.traceValue.encode("ascii", "replace"))
         if extra:
             parts.append(extra)
         if exchange.closeAfter:
@@ -754,8 +778,8 @@ class AppConnection(Protocol):
             exchange.closeAfter = True
         exchange.result = reason
         extra = b""
-        if exchange.trace is not None:
-            extra = b"x-ambassador-trace: %s\r\n" % exchange.trace.encode("ascii", "replace")
+        if exchange.traceValue is not None:
+            extra = b"x-ambassador-trace: %s\r\n" % exchange.traceValue.encode("ascii", "replace")
         data = errorResponse(reason, exchange.attempts, exchange.closeAfter,
                              head=exchange.bodyless, extra=extra)
         from .headers import ERROR_STATUS

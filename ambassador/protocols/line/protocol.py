@@ -75,6 +75,7 @@ class _Entry(Call):
         "reply",
         "request",
         "result",
+        "started",
         "upstream",
     )
 
