@@ -293,7 +293,10 @@ def auditMetrics(books: list[ClientBooks], metrics: dict[Any, float], route: str
     total = metricSum(metrics, "ambassador_requests_total", route=route)
     answered = verdicts["ok"] + verdicts["error"] + extra.ok + sum(extra.reasons.values())
     if total != answered + silent:
-        problems.append(f"requests_total {total:.0f} != {answered} answered + {silent} noreply requests")
+        results = {dict(labels).get("result"): v for (name, labels), v in metrics.items()
+                   if name == "ambassador_requests_total" and ("route", route) in labels}
+        problems.append(f"requests_total {total:.0f} != {answered} answered + {silent} noreply requests"
+                        f" (by result: {results}; clients saw {dict(Counter(op.reason for op in ops))})")
     okAttempts = metricSum(metrics, "ambassador_attempts_total", route=route, result="ok")
     low, high = okMetric + splitOkAttempts[0], okMetric + splitOkAttempts[1]
     if not low <= okAttempts <= high:
@@ -602,7 +605,9 @@ def redisPySide(port: int, seed: int) -> Callable[[float, SideBooks], None]:
 
     def loop(seconds: float, books: SideBooks) -> None:
         rng = random.Random(seed)
-        client = redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=DEADLINE + SLACK)
+        # (no CLIENT SETINFO on connect: CLIENT is unsupported through a pooled proxy)
+        client = redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=DEADLINE + SLACK,
+                             lib_name=None, lib_version=None)
         stopAt = time.monotonic() + seconds
         acked: dict[str, str] = {}
         i = 0
