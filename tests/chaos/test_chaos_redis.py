@@ -606,8 +606,11 @@ def redisPySide(port: int, seed: int) -> Callable[[float, SideBooks], None]:
     def loop(seconds: float, books: SideBooks) -> None:
         rng = random.Random(seed)
         # (no CLIENT SETINFO on connect: CLIENT is unsupported through a pooled proxy)
-        client = redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=DEADLINE + SLACK,
-                             lib_name=None, lib_version=None)
+        options = dict(host="127.0.0.1", port=port, protocol=2, socket_timeout=DEADLINE + SLACK)
+        try:
+            client = redis.Redis(**options, driver_info=None)  # redis-py 8
+        except TypeError:
+            client = redis.Redis(**options, lib_name=None, lib_version=None)
         stopAt = time.monotonic() + seconds
         acked: dict[str, str] = {}
         i = 0
