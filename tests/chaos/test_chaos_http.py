@@ -30,9 +30,9 @@ from httpload import HttpLoad, Outcome, auditHttp, summary
 from httpmember import HttpMember
 
 #: Load per scenario (each test stays well under 30 s: ~2 s start, this, ~5 s to settle).
-LOAD_SECONDS = 5.0
+LOAD_SECONDS = 4.0
 #: Idle member connections (the pool) and idle app connections close after this.
-IDLE = 2.0
+IDLE = 1.5
 #: How much the RSS may grow over a scenario.
 RSS_GROWTH = 64 * 1024 * 1024
 

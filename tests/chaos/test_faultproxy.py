@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any, Self
 
 import pytest
 from accounting import waitUntil
@@ -22,6 +24,59 @@ from peers import Peer, echoServer
 def echo():
     with echoServer() as peer:
         yield peer
+
+
+@pytest.fixture(scope="module")
+def _shared() -> Iterator[tuple[Peer, FaultProxy]]:
+    """One echo member and one proxy for the tests that can share them (start-up costs)."""
+    with echoServer() as peer, FaultProxy(target=("127.0.0.1", peer.port), seed=1) as fp:
+        yield peer, fp
+
+
+class Fresh:
+    """The shared proxy, back to ``pass`` with nothing open, counting from now on."""
+
+    def __init__(self, echo: Peer, fp: FaultProxy) -> None:
+        self.echo, self.fp = echo, fp
+        fp.set("pass", kill=True)
+        waitUntil(lambda: fp.stats()["open"] == 0, 5)
+        self.start = fp.stats()
+        self.accepted = echo.accepted
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    @property
+    def port(self) -> int:
+        return self.fp.port
+
+    @property
+    def echoAccepted(self) -> int:
+        return self.echo.accepted - self.accepted
+
+    def set(self, mode: str, **params: Any) -> None:
+        self.fp.set(mode, **params)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> None:
+        self.fp.schedule(*args, **kwargs)
+
+    def killConnections(self) -> None:
+        self.fp.killConnections()
+
+    def stats(self) -> dict[str, Any]:
+        """The counters since this test began (``open`` and ``mode`` as they are)."""
+        now = self.fp.stats()
+        faults = {mode: count - self.start["faults"].get(mode, 0) for mode, count in now["faults"].items()}
+        return {**now, "faults": {mode: n for mode, n in faults.items() if n},
+                **{k: now[k] - self.start[k] for k in ("connections", "bytesUp", "bytesDown")}}
+
+
+@pytest.fixture
+def proxy(_shared: tuple[Peer, FaultProxy]) -> Fresh:
+    return Fresh(*_shared)
 
 
 def connect(fp: FaultProxy, timeout: float = 5.0) -> socket.socket:
@@ -51,8 +106,8 @@ def recvUntilClosed(s: socket.socket) -> tuple[bytes, BaseException | None]:
         data += chunk
 
 
-def test_passForwardsBothWaysAndCounts(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port), seed=1) as fp:
+def test_passForwardsBothWaysAndCounts(proxy: Fresh) -> None:
+    with proxy as fp:
         with connect(fp) as s:
             s.sendall(b"hello" * 1000)
             assert recvExactly(s, 5000) == b"hello" * 1000
@@ -65,8 +120,8 @@ def test_passForwardsBothWaysAndCounts(echo: Peer) -> None:
         assert stats["mode"] == "pass"
 
 
-def test_resetBeforeResponseIsAnRst(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_resetBeforeResponseIsAnRst(proxy: Fresh) -> None:
+    with proxy as fp:
         fp.set("reset_before_response")
         with connect(fp) as s:
             s.sendall(b"GET / HTTP/1.1\r\n\r\n")
@@ -76,7 +131,7 @@ def test_resetBeforeResponseIsAnRst(echo: Peer) -> None:
         stats = fp.stats()
         assert stats["faults"] == {"reset_before_response": 1}
         assert stats["bytesUp"] == 0 and stats["bytesDown"] == 0
-        assert echo.accepted == 0  # never reached the member
+        assert fp.echoAccepted == 0  # never reached the member
 
 
 def _recordThenAnswer(peer: Peer, conn: socket.socket) -> None:
@@ -97,8 +152,8 @@ def test_resetBeforeResponseForwardedReachesTheMember() -> None:
         assert member.received == [b"POST /pay"]  # the member did the work; the app never heard
 
 
-def test_resetMidResponseForwardsAfterBytesThenRsts(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_resetMidResponseForwardsAfterBytesThenRsts(proxy: Fresh) -> None:
+    with proxy as fp:
         fp.set("reset_mid_response", after=100)
         with connect(fp) as s:
             s.sendall(bytes(range(256)) * 40)
@@ -108,29 +163,29 @@ def test_resetMidResponseForwardsAfterBytesThenRsts(echo: Peer) -> None:
         assert fp.stats()["faults"] == {"reset_mid_response": 1}
 
 
-def test_blackholeNeverAnswersNorCloses(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_blackholeNeverAnswersNorCloses(proxy: Fresh) -> None:
+    with proxy as fp:
         fp.set("blackhole")
         with connect(fp, timeout=1.0) as s:
             s.sendall(b"anyone there?")
             with pytest.raises(TimeoutError):
                 s.recv(1)
             s.sendall(b"still there?")  # not closed either
-        assert echo.accepted == 0
+        assert fp.echoAccepted == 0
         assert fp.stats()["faults"] == {"blackhole": 1}
 
 
-def test_acceptCloseIsAFin(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_acceptCloseIsAFin(proxy: Fresh) -> None:
+    with proxy as fp:
         fp.set("accept_close")
         with connect(fp) as s:
             assert recvUntilClosed(s) == (b"", None)
         assert fp.stats()["faults"] == {"accept_close": 1}
 
 
-def test_throttleBoundsTheRate(echo: Peer) -> None:
+def test_throttleBoundsTheRate(proxy: Fresh) -> None:
     rate, total = 100_000, 150_000
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+    with proxy as fp:
         fp.set("throttle", bytesPerSecond=rate)
         with connect(fp, timeout=10) as s:
             started = time.monotonic()
@@ -141,8 +196,8 @@ def test_throttleBoundsTheRate(echo: Peer) -> None:
     assert elapsed >= (total - rate * 0.05) / rate * 0.9
 
 
-def test_latencyAppliesAtOnceToOpenConnections(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp, connect(fp) as s:
+def test_latencyAppliesAtOnceToOpenConnections(proxy: Fresh) -> None:
+    with proxy as fp, connect(fp) as s:
         s.sendall(b"a")
         assert recvExactly(s, 1) == b"a"
         fp.set("latency", ms=200)  # the already open connection slows down too
@@ -158,8 +213,8 @@ def test_latencyAppliesAtOnceToOpenConnections(echo: Peer) -> None:
         assert time.monotonic() - started < 0.38
 
 
-def test_scheduleFlipsModes(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_scheduleFlipsModes(proxy: Fresh) -> None:
+    with proxy as fp:
         fp.schedule([(0.3, "pass", {}), (0.3, "accept_close", {})], repeat=True)
         seen = set()
         deadline = time.monotonic() + 5
@@ -185,8 +240,8 @@ def recvUntilClosedOrEcho(s: socket.socket) -> bool:
         return False
 
 
-def test_scheduleWithoutRepeatStaysOnItsLastStep(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_scheduleWithoutRepeatStaysOnItsLastStep(proxy: Fresh) -> None:
+    with proxy as fp:
         fp.schedule([(0.1, "blackhole", {}), (0.1, "latency", {"ms": 5})], repeat=False)
         waitUntil(lambda: fp.stats()["mode"] == "latency", 3)
         time.sleep(0.3)
@@ -221,8 +276,8 @@ def test_randomIsSeededPerConnection(echo: Peer) -> None:
     assert 0 < first.count("echo") < 30
 
 
-def test_killConnectionsResetsOpenConnections(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_killConnectionsResetsOpenConnections(proxy: Fresh) -> None:
+    with proxy as fp:
         with connect(fp) as a, connect(fp) as b:
             for s in (a, b):
                 s.sendall(b"x")
@@ -235,8 +290,8 @@ def test_killConnectionsResetsOpenConnections(echo: Peer) -> None:
         waitUntil(lambda: fp.stats()["open"] == 0, 5)
 
 
-def test_badModeIsRefused(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp:
+def test_badModeIsRefused(proxy: Fresh) -> None:
+    with proxy as fp:
         with pytest.raises(ValueError):
             fp.set("explode")
         with pytest.raises(ValueError):
@@ -279,8 +334,8 @@ def test_childDiesWithItsParent(echo: Peer) -> None:
     waitUntil(gone, 5)
 
 
-def test_killOptionResetsOpenConnectionsAsTheModeTakesEffect(echo: Peer) -> None:
-    with FaultProxy(target=("127.0.0.1", echo.port)) as fp, connect(fp) as s:
+def test_killOptionResetsOpenConnectionsAsTheModeTakesEffect(proxy: Fresh) -> None:
+    with proxy as fp, connect(fp) as s:
         s.sendall(b"x")
         assert recvExactly(s, 1) == b"x"
         fp.schedule([(0.2, "blackhole", {"kill": True})], repeat=False)
