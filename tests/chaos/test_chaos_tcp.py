@@ -85,6 +85,8 @@ class Conn:
     received: int = 0
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     halfClosed: bool = False
+    #: the error a send() got: Linux reports a reset once, to whichever call comes first
+    writeError: int | None = None
     #: "complete", "reset", "closed-early"; failures: "corrupt", "hung", "connect-...".
     outcome: str | None = None
     ended: float | None = None
@@ -167,7 +169,7 @@ class Load:
             # sent before (the echo so far) is still to be read
             self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
             conn.halfClosed = True
-            conn.writeError = e.errno  # type: ignore[attr-defined]
+            conn.writeError = e.errno
             return
         if n:
             conn.sent += n
@@ -175,8 +177,8 @@ class Load:
         if conn.sent == len(conn.payload):
             try:
                 conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # reset already: the read says so
+            except OSError:  # ENOTCONN: reset already (a FIN would leave it connected)
+                conn.writeError = conn.writeError or errno.ECONNRESET
             conn.halfClosed = True
             self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
 
@@ -199,6 +201,8 @@ class Load:
         conn.received += len(data)
 
     def _ended(self, conn: Conn, err: int | None) -> None:
+        if err is None and conn.writeError is not None:
+            err = conn.writeError  # the reset was reported to send(); recv() then sees EOF
         if err is None and conn.received == len(conn.payload) and conn.halfClosed:
             assert conn.digest.digest() == hashlib.sha256(conn.payload).digest()
             self._end(conn, "complete")
