@@ -42,7 +42,7 @@ from harness import Ambassador, freePort
 
 #: Load per scenario: each test stays well under 30 s (about 2 s to start, this, a few
 #: seconds to settle).
-LOAD_SECONDS = 4.0
+LOAD_SECONDS = 3.0
 #: A batch's replies may come this long after the deadline (scheduling, backoff rounding).
 SLACK = 2.0
 #: How much the RSS may grow over a scenario.
