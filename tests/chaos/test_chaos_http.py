@@ -13,6 +13,7 @@ empty, with memory in bounds, the breaker and the budget having done their part.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.request
@@ -376,3 +377,63 @@ def test_theAuditCatchesWhatItIsFor() -> None:
         ("ambassador_retries_total", frozenset({("route", "chaos")})): 0.0,
     }
     assert any("requests_total" in p for p in auditHttp([ok], onlyA, metrics, "chaos", 3.0))  # type: ignore[arg-type]
+
+
+def test_reloadsUnderLoad(tmp_path: Path) -> None:
+    """SIGHUP with a changed route (a member in and out, another timeout) five times
+    under faulty load: no answer is wrong, nothing is applied twice, the metrics of
+    the answered requests balance.
+
+    Known gap (reported, not changed here: the reload's design, see
+    tests/test_reload_http.py, whose client re-sends): a reload closes the changed
+    route's keep-alive app connections when idle, and busy ones right after the
+    answer under way even when that answer's head went out before the reload without
+    ``connection: close``.  The app's next request on such a connection gets no answer
+    at all; a browser re-sends a GET, but an app cannot re-send a POST blindly.  Those
+    losses, and only those, turn this test into an xfail.  HAProxy
+    (``idle-close-on-response``) and Envoy's drain answer one more request with
+    ``connection: close`` instead.
+    """
+    seed = 808
+    with chaosRig(tmp_path, 3, seed) as rig:
+        rig.proxies[0].set("random", p=0.3, modes=["reset_before_response", "reset_mid_response"],
+                           after=50, forward=True)
+        assert rig.ambassador.configPath is not None
+        text = rig.ambassador.configPath.read_text()
+        changed = text.replace(f'"{rig.proxies[0].address}", ', "").replace('timeout = "1s"', 'timeout = "900ms"')
+        with Monitor(rig) as monitor:
+            load = HttpLoad(rig.appPort, LOAD_SECONDS, seed, clients=8)
+            load.start()
+            reloads = []
+            for turn in range(5):
+                time.sleep(LOAD_SECONDS / 6)
+                rig.ambassador.configPath.write_text(changed if turn % 2 == 0 else text)
+                reloads.append(time.monotonic())
+                rig.ambassador.signal(signal.SIGHUP)
+            outcomes = load.join()
+        rig.ambassador.waitForLog(r"reload: done", count=5)
+        assert rig.ambassador.process.poll() is None
+        assert not monitor.errors, monitor.errors[:5]
+
+        def lostToTheReload(o: Outcome) -> bool:
+            return (o.kind == "unanswered" and o.reused
+                    and o.detail.startswith(("RemoteDisconnected", "BrokenPipeError", "ConnectionResetError"))
+                    and any(abs(o.sentAt - at) < 1.0 for at in reloads))
+
+        lost = [o for o in outcomes if lostToTheReload(o)]
+        rest = [o for o in outcomes if not lostToTheReload(o)]
+        answered = sum(o.kind != "unanswered" for o in rest)
+        try:
+            waitUntil(lambda: metricSum(scrapeMetrics(rig.adminPort), "ambassador_requests_total",
+                                        route="chaos") >= answered, 5)
+        except TimeoutError:
+            pass
+        # a member left and came back: its attempt series restarted from zero
+        problems = auditHttp(rest, rig.member, scrapeMetrics(rig.adminPort), "chaos", rig.deadline,
+                             truncationAllowed=True, membersStayed=False)
+        assert not problems, "\n".join(problems[:30]) + f"\n{summary(outcomes)}"
+        assert summary(rest)["kinds"].get("ok", 0) > 0.8 * len(rest), summary(rest)
+        _checkFdsBack(rig)
+        if lost:
+            pytest.xfail(f"{len(lost)} of {len(outcomes)} requests sent on keep-alive connections "
+                         f"that a reload closed got no answer (e.g. {lost[0].requestId})")
