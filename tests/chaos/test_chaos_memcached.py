@@ -31,8 +31,8 @@ from test_chaos_redis import (
 )
 
 pymemcache = pytest.importorskip("pymemcache")
-from pymemcache.client.base import Client  # noqa: E402
-from pymemcache.exceptions import MemcacheServerError  # noqa: E402
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheServerError
 
 CLIENTS = 6
 COUNTERS = 3

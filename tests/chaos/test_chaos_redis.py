@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from accounting import fdCount, metricSum, rssBytes, scrapeMetrics, waitUntil
@@ -412,7 +412,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Monitor:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -511,7 +511,7 @@ def attemptsOf(metrics: dict, upstream: str, result: str) -> float:
 
 # --- redis --------------------------------------------------------------------------------
 
-from ambassador.protocols.line.redis import _Incomplete, encode, replyEnd  # noqa: E402
+from ambassador.protocols.line.redis import _Incomplete, encode, replyEnd
 
 
 def _bulk(value: bytes) -> bytes:
@@ -606,7 +606,7 @@ def redisPySide(port: int, seed: int) -> Callable[[float, SideBooks], None]:
     def loop(seconds: float, books: SideBooks) -> None:
         rng = random.Random(seed)
         # (no CLIENT SETINFO on connect: CLIENT is unsupported through a pooled proxy)
-        options = dict(host="127.0.0.1", port=port, protocol=2, socket_timeout=DEADLINE + SLACK)
+        options = {"host": "127.0.0.1", "port": port, "protocol": 2, "socket_timeout": DEADLINE + SLACK}
         try:
             client = redis.Redis(**options, driver_info=None)  # redis-py 8
         except TypeError:
@@ -765,67 +765,68 @@ def test_hashSplitCommandsUnderResets(tmp_path: Path) -> None:
     from redis_peer import redisServer
 
     seed = 1404
-    with redisServer() as a, redisServer() as b:
-        with lineRig(tmp_path, "redis", [a.port, b.port], 2, seed, deadline=DEADLINE,
-                     failureThreshold=1000, balance="hash") as rig:
-            for fp in rig.proxies:
-                fp.schedule([
-                    (0.5, "random", {"p": 0.5, "modes": ["reset_mid_response"], "after": 80, "kill": True}),
-                    (0.5, "random", {"p": 0.3, "modes": ["reset_before_response"], "forward": True,
-                                     "kill": True}),
-                ])
-            clients = [redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=10)
-                       for port in (a.port, b.port)]
+    with redisServer() as a, redisServer() as b, lineRig(
+        tmp_path, "redis", [a.port, b.port], 2, seed, deadline=DEADLINE, failureThreshold=1000,
+        balance="hash",
+    ) as rig:
+        for fp in rig.proxies:
+            fp.schedule([
+                (0.5, "random", {"p": 0.5, "modes": ["reset_mid_response"], "after": 80, "kill": True}),
+                (0.5, "random", {"p": 0.3, "modes": ["reset_before_response"], "forward": True,
+                                 "kill": True}),
+            ])
+        clients = [redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=10)
+                   for port in (a.port, b.port)]
 
-            def final(key: str) -> Any:
-                found = [c.lrange(key, 0, -1) if key.startswith("log:") else c.get(key) for c in clients]
-                held = [f for f in found if f]
-                assert len(held) <= 1, f"{key} is on both members: {found}"
-                return held[0] if held else found[0]
+        def final(key: str) -> Any:
+            found = [c.lrange(key, 0, -1) if key.startswith("log:") else c.get(key) for c in clients]
+            held = [f for f in found if f]
+            assert len(held) <= 1, f"{key} is on both members: {found}"
+            return held[0] if held else found[0]
 
-            def audit(books: list[ClientBooks]) -> list[str]:
-                problems = auditLine(books, DEADLINE, final, counters=lambda stored: int(stored or 0),
-                                     logItems=lambda stored: [item.decode() for item in stored or []])
-                for book in books:
-                    for op in book.ops:
-                        if op.kind == "mset" and op.verdict == "ok":
-                            keys = op.key.split(" ")
-                            values = [c.mget(keys) for c in clients]
-                            for i, (key, value) in enumerate(zip(keys, op.token.split("\n"))):
-                                stored = [v[i] for v in values if v[i] is not None]
-                                if stored != [value.encode()]:
-                                    problems.append(f"MSET acknowledged but {key} holds {stored!r}")
-                return problems
-
-            def splitOkAttempts(books: list[ClientBooks]) -> tuple[int, int]:
-                """An acknowledged MGET/MSET made one successful attempt per member its keys
-                live on; a refused one, up to one per key but one."""
-                keys = sorted({k for book in books for op in book.ops if op.kind in ("mget", "mset")
-                               and op.verdict == "ok" for k in op.key.split(" ")})
-                held = []
-                for c in clients:
-                    pipe = c.pipeline(transaction=False)
-                    for key in keys:
-                        pipe.exists(key)
-                    held.append(dict(zip(keys, pipe.execute())))
-                where = lambda key: next((i for i, h in enumerate(held) if h[key]), None)  # noqa: E731
-                low = high = 0
-                for book in books:
-                    for op in book.ops:
-                        if op.kind not in ("mget", "mset"):
-                            continue
+        def audit(books: list[ClientBooks]) -> list[str]:
+            problems = auditLine(books, DEADLINE, final, counters=lambda stored: int(stored or 0),
+                                 logItems=lambda stored: [item.decode() for item in stored or []])
+            for book in books:
+                for op in book.ops:
+                    if op.kind == "mset" and op.verdict == "ok":
                         keys = op.key.split(" ")
-                        if op.verdict == "ok":
-                            parts = len({where(k) for k in keys}) - 1
-                            low, high = low + parts, high + parts
-                        else:
-                            high += len(keys) - 1
-                return low, high
+                        values = [c.mget(keys) for c in clients]
+                        for i, (key, value) in enumerate(zip(keys, op.token.split("\n"))):
+                            stored = [v[i] for v in values if v[i] is not None]
+                            if stored != [value.encode()]:
+                                problems.append(f"MSET acknowledged but {key} holds {stored!r}")
+            return problems
 
-            books, _, metrics = runScenario(rig, RedisHashLoad(), seed, audit,
-                                            splitOkAttempts=splitOkAttempts)
-            kinds = Counter((op.kind, op.verdict) for book in books for op in book.ops)
-            assert kinds[("mget", "ok")] > 0 and kinds[("mset", "ok")] > 0, kinds
-            assert summary(books)["reasons"].get("reset", 0) > 0, summary(books)
-            # both members hold keys: the ring spread them
-            assert clients[0].dbsize() > 0 and clients[1].dbsize() > 0
+        def splitOkAttempts(books: list[ClientBooks]) -> tuple[int, int]:
+            """An acknowledged MGET/MSET made one successful attempt per member its keys
+            live on; a refused one, up to one per key but one."""
+            keys = sorted({k for book in books for op in book.ops if op.kind in ("mget", "mset")
+                           and op.verdict == "ok" for k in op.key.split(" ")})
+            held = []
+            for c in clients:
+                pipe = c.pipeline(transaction=False)
+                for key in keys:
+                    pipe.exists(key)
+                held.append(dict(zip(keys, pipe.execute())))
+            where = lambda key: next((i for i, h in enumerate(held) if h[key]), None)
+            low = high = 0
+            for book in books:
+                for op in book.ops:
+                    if op.kind not in ("mget", "mset"):
+                        continue
+                    keys = op.key.split(" ")
+                    if op.verdict == "ok":
+                        parts = len({where(k) for k in keys}) - 1
+                        low, high = low + parts, high + parts
+                    else:
+                        high += len(keys) - 1
+            return low, high
+
+        books, _, _ = runScenario(rig, RedisHashLoad(), seed, audit,
+                                        splitOkAttempts=splitOkAttempts)
+        kinds = Counter((op.kind, op.verdict) for book in books for op in book.ops)
+        assert kinds[("mget", "ok")] > 0 and kinds[("mset", "ok")] > 0, kinds
+        assert summary(books)["reasons"].get("reset", 0) > 0, summary(books)
+        # both members hold keys: the ring spread them
+        assert clients[0].dbsize() > 0 and clients[1].dbsize() > 0

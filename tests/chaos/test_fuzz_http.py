@@ -294,7 +294,7 @@ def feed(app: Any, pieces: list[bytes]) -> None:
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(validRequest(), cuts)
 def test_in_process_valid_requests_reach_the_member_once_as_sent(request, points) -> None:
-    app, transport, endpoint, clock = inProcess()
+    app, transport, endpoint, _ = inProcess()
     feed(app, splitAt(encodeRequest(request), points))
     seen = memberSaw(endpoint)
     assert len(seen) == 1 and seen[0]["complete"]
@@ -318,7 +318,7 @@ def test_in_process_pipelined_requests_answered_in_order(requests, points, defec
     """Keep-alive requests sent back to back, split anywhere: each reaches a member once,
     in order, and the answers come back in order; a defective request after them is
     answered after theirs, and reaches no member."""
-    app, transport, endpoint, clock = inProcess()
+    app, transport, endpoint, _ = inProcess()
     wire = b"".join(encodeRequest(r, close=False) for r in requests)
     if defectLast:
         wire += DEFECTS["space in a header name"][0](f"/{nextId()}")
@@ -469,7 +469,7 @@ class RecordingMember:
         self.thread.join(2)
 
 
-from harness import Ambassador, freePort  # noqa: E402
+from harness import Ambassador, freePort
 
 HEADER_TIMEOUT = 1.0
 
@@ -578,7 +578,7 @@ def test_real_garbage_is_refused_or_served_and_the_process_lives(routed, junk, p
     amb, port, member = routed
     pid = amb.process.pid
     before = member.snapshot()
-    data, closed = roundTrip(port, splitAt(junk, points))
+    data, _ = roundTrip(port, splitAt(junk, points))
     after = member.snapshot()
     responses = parseResponses(data)
     own = [r["status"] for r in responses if b"x-ambassador-error" in r["headers"]]

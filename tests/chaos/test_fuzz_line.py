@@ -265,8 +265,8 @@ def test_memcached_reply_garbage_frames_the_same_however_split(junk, kinds, cutP
 
 # --- the real twistd -------------------------------------------------------------------
 
-from harness import Ambassador, freePort  # noqa: E402
-from redis_peer import memcachedServer, redisServer  # noqa: E402
+from harness import Ambassador, freePort
+from redis_peer import memcachedServer, redisServer
 
 
 @pytest.fixture(scope="module")
@@ -476,7 +476,7 @@ mcMulti = st.one_of(
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(redisMulti, redisCommand), max_size=4), respGarbage)
 def test_garbage_to_a_real_hashed_redis_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
-    amb, redisPort, mcPort, redisHashPort, _ = lineRoutes
+    amb, _, mcPort, redisHashPort, _ = lineRoutes
     data = b"".join(valid) + junk
     answer = exchange(redisHashPort, data)
     checkAnswers(redisDialect, HASHED, data, answer)
@@ -487,7 +487,7 @@ def test_garbage_to_a_real_hashed_redis_route_is_answered_in_order(lineRoutes, v
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(mcMulti, mcCommand), max_size=4), mcGarbage)
 def test_garbage_to_a_real_hashed_memcached_route_is_answered_in_order(lineRoutes, valid, junk) -> None:
-    amb, redisPort, mcPort, _, mcHashPort = lineRoutes
+    amb, redisPort, _, _, mcHashPort = lineRoutes
     data = b"".join(valid) + junk
     answer = exchange(mcHashPort, data)
     checkAnswers(memcachedDialect, HASHED, data, answer)
