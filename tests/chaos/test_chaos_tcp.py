@@ -355,7 +355,7 @@ def test_member_resets_before_and_mid_response(setup: Setup) -> None:
     route.proxy.set("random", p=0.3, modes=["reset_before_response", "reset_mid_response"],
                     after=1000)
     try:
-        conns = Load(route.listen, 11, 24, 4.0, (2000, 200_000), DEADLINE + SLACK).run()
+        conns = Load(route.listen, 11, 24, 3.0, (2000, 200_000), DEADLINE + SLACK).run()
     finally:
         route.proxy.set("pass")
     ended = _ended(conns)
@@ -385,7 +385,7 @@ def test_member_that_flaps_into_a_blackhole_is_closed_after_idle_timeout(setup: 
     # the idle check runs every idle_timeout / 8: closed between 1x and 1.125x
     hangAfter = IDLE_TIMEOUT * 1.125 + SLACK
     try:
-        conns = Load(route.listen, 12, 16, 4.0, (100, 20_000), hangAfter).run()
+        conns = Load(route.listen, 12, 16, 3.0, (100, 20_000), hangAfter).run()
     finally:
         route.proxy.set("pass")
     ended = _ended(conns)
@@ -410,7 +410,7 @@ def test_member_that_accepts_and_closes_closes_the_app_connection(setup: Setup) 
     before = _snapshot(setup, route)
     route.proxy.set("random", p=0.3, modes=["accept_close"])
     try:
-        conns = Load(route.listen, 13, 24, 4.0, (10, 100_000), DEADLINE + SLACK).run()
+        conns = Load(route.listen, 13, 24, 3.0, (10, 100_000), DEADLINE + SLACK).run()
     finally:
         route.proxy.set("pass")
     ended = _ended(conns)
@@ -431,7 +431,7 @@ def test_slow_member_latency_and_throttled_bandwidth_lose_no_byte(setup: Setup) 
     route.proxy.set("latency", ms=30)
     route.proxy.set("throttle", bytesPerSecond=400_000)
     try:
-        conns = Load(route.listen, 14, 8, 4.0, (1000, 150_000), DEADLINE + SLACK).run()
+        conns = Load(route.listen, 14, 8, 3.0, (1000, 150_000), DEADLINE + SLACK).run()
     finally:
         route.proxy.set("pass")
     assert _ended(conns) == Counter(complete=len(conns))
