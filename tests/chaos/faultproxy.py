@@ -41,6 +41,9 @@ Every mode also takes ``kill=True``: reset every open connection first, as the m
 takes effect (a pooled connection would otherwise dodge a ``blackhole`` set later,
 since modes bind at accept time); it works in ``schedule`` steps too.
 
+A member the proxy cannot reach (refused, or no connection within 5 s): the app's
+connection is closed (FIN), as HAProxy or any relay would.
+
 ``stats()["faults"]`` counts, per mode other than ``pass``, the connections that were
 opened under it (a connection counts once, when it is accepted); ``connections`` counts
 every accepted connection, ``open`` those still open, ``bytesUp``/``bytesDown`` the bytes

@@ -8,6 +8,7 @@ books (:func:`httpload.auditHttp`): every request got exactly one answer, the ri
 one, within the deadline, no POST applied twice, metrics that count what the clients
 saw; and that the process is back to its file descriptors after its idle pools
 empty, with memory in bounds, the breaker and the budget having done their part.
+Every fault at once, with tcp and redis beside, is the soak's job (``make soak``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from httpload import HttpLoad, Outcome, auditHttp, summary
 from httpmember import HttpMember
 
 #: Load per scenario (each test stays well under 30 s: ~2 s start, this, ~5 s to settle).
-LOAD_SECONDS = 4.0
+LOAD_SECONDS = 3.5
 #: Idle member connections (the pool) and idle app connections close after this.
 IDLE = 1.5
 #: How much the RSS may grow over a scenario.
@@ -296,7 +297,7 @@ def test_answerSlowerThanTheIdleTimeoutStillComes(tmp_path: Path) -> None:
     seed = 454
     with chaosRig(tmp_path, 1, seed, timeout="3s", deadline=4.0, idle=1.0) as rig:
         rig.proxies[0].set("latency", ms=700)  # 1.4 s to the headers, each way 700 ms
-        outcomes, _, _ = runScenario(rig, seed, seconds=3.0, clients=4)
+        outcomes, _, _ = runScenario(rig, seed, seconds=2.0, clients=4)
         assert summary(outcomes)["kinds"] == {"ok": len(outcomes)}, summary(outcomes)
 
 
@@ -323,22 +324,6 @@ def test_acceptAndClose(tmp_path: Path) -> None:
             metrics, rig.upstream(0), "connect-failure") > 0
         gets = [o for o in outcomes if o.method == "GET"]
         assert sum(o.kind == "ok" for o in gets) > 0.8 * len(gets), summary(outcomes)
-
-
-@pytest.mark.parametrize("seed", [707])
-def test_everythingAtOnce(tmp_path: Path, seed: int) -> None:
-    """Every fault, on every member, flipping on a seeded schedule."""
-    modes = ["reset_before_response", "reset_mid_response", "latency", "blackhole", "accept_close"]
-    with chaosRig(tmp_path, 3, seed, timeout="800ms", deadline=2.5) as rig:
-        for index, fp in enumerate(rig.proxies):
-            fp.schedule([
-                (0.8 + 0.3 * index, "pass", {}),
-                (0.7, "random", {"p": 0.3, "modes": modes, "after": 5000, "ms": 150, "forward": True}),
-                (0.4, "blackhole", {"kill": index == 0}),
-            ])
-        outcomes, _, _ = runScenario(rig, seed, truncationAllowed=True, clients=8,
-                                     pathFor=lambda rng: f"/x?size={rng.choice((64, 4096, 20_000))}")
-        assert summary(outcomes)["kinds"].get("ok", 0) > 0
 
 
 class _FakeMember:
