@@ -27,7 +27,9 @@ import contextlib
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -492,3 +494,198 @@ def test_garbage_to_a_real_hashed_memcached_route_is_answered_in_order(lineRoute
     answer = exchange(mcHashPort, data)
     checkAnswers(memcachedDialect, HASHED, data, answer)
     stillServing(amb, amb.process.pid, redisPort, mcHashPort)
+
+
+# --- in process: the redis route against a model member, faults at random points -------
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from ambassador.config import BreakerPolicy, RetryPolicy
+from ambassador.protocols.line.protocol import LineFactory
+from ambassador.resilience.core import RouteCore
+
+MODEL_REASONS = {"connect-failure", "reset", "timeout", "deadline", "breaker-open", "budget-exhausted"}
+
+
+class ModelRedis:
+    """Members that share one keyspace (replicas, as the chaos rigs' proxies share one
+    redis-server): each member connection is a StringTransport whose written commands
+    the test applies and answers when it chooses, or loses."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.connections: list[Any] = []  # [protocol, consumed offset, pending commands, lost]
+        self.refuse = False
+        self.applied: Counter[bytes] = Counter()
+
+    def endpoint(self, upstream: str) -> Any:
+        model = self
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Any:
+                if model.refuse:
+                    return fail(ierror.ConnectionRefusedError())
+                protocol = factory.buildProtocol(None)
+                protocol.makeConnection(StringTransport())
+                model.connections.append([protocol, 0, [], False])
+                return succeed(protocol)
+
+        return Endpoint()
+
+    def poll(self) -> None:
+        """Frame what the route wrote since; let the reactor see closed transports."""
+        for entry in self.connections:
+            protocol, consumed, pending, lost = entry
+            if lost:
+                continue
+            data = protocol.transport.value()
+            parser = redisDialect.requestParser(ROUTE)
+            for request in parser.feed(data[consumed:]):
+                pending.append(request.info or _args(request.raw))
+                consumed += len(request.raw)
+            entry[1] = consumed
+            if protocol.transport.disconnecting:
+                entry[3] = True
+                protocol.connectionLost(Failure(ierror.ConnectionDone()))
+
+    def apply(self, args: list[bytes]) -> bytes:
+        name = args[0].upper()
+        if name == b"ECHO":
+            return _bulk(args[1])
+        if name == b"SET":
+            self.data[args[1]] = args[2]
+            return b"+OK\r\n"
+        if name == b"GET":
+            value = self.data.get(args[1])
+            return b"$-1\r\n" if value is None else _bulk(value)
+        if name == b"INCR":
+            self.applied[args[1]] += 1
+            value = int(self.data.get(args[1], b"0")) + 1
+            self.data[args[1]] = b"%d" % value
+            return b":%d\r\n" % value
+        raise AssertionError(f"unexpected command {args!r}")
+
+    def live(self) -> list[list[Any]]:
+        return [entry for entry in self.connections if not entry[3]]
+
+
+def _args(raw: bytes) -> list[bytes]:
+    from ambassador.protocols.line.redis import _arguments
+
+    return _arguments(raw)
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+command = st.one_of(
+    st.integers(0, 10**6).map(lambda n: [b"ECHO", b"e%d" % n]),
+    st.integers(0, 10**6).map(lambda n: [b"SET", b"k%d" % n, b"v%d" % n]),
+    st.integers(0, 2).map(lambda n: [b"INCR", b"c%d" % n]),
+    st.integers(0, 10**6).map(lambda n: [b"GET", b"k%d" % n]),
+)
+action = st.one_of(
+    st.tuples(st.just("send"), st.lists(command, min_size=1, max_size=6), cuts),
+    st.tuples(st.just("answer"), st.integers(0, 7), st.integers(1, 5), st.integers(0, 10**6)),
+    st.tuples(st.just("lose"), st.integers(0, 7), st.integers(0, 5)),
+    st.tuples(st.just("wait"), st.sampled_from([0.0, 0.05, 0.3, 0.6, 1.1, 1.1, 2.0])),
+    st.tuples(st.just("wait"), st.sampled_from([1.1, 2.0])),
+    st.tuples(st.just("refuse"), st.booleans()),
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(action, min_size=1, max_size=25))
+def test_in_process_every_command_gets_one_answer_in_order_whatever_the_members_do(actions) -> None:
+    """Commands pipelined by one app connection over two members that answer late,
+    partly, in pieces, lose their connections after applying some commands, or refuse
+    new ones: every command gets exactly one answer, in order, by the deadline: its
+    own (an ECHO its token, a GET the value last written) or an error with a SPEC
+    reason; an INCR answered is applied once, one refused before it was written never."""
+    model = ModelRedis()
+    clock = Clock()
+    route = Route(
+        name="r", protocol="line", listen="tcp:1", upstreams=("tcp:127.0.0.1:9", "tcp:127.0.0.1:10"),
+        timeout=1.0, deadline=3.0, connectTimeout=0.5,
+        retry=RetryPolicy(attempts=3, backoffBase=0.01, backoffMax=0.05, budgetRatio=1.0),
+        breaker=BreakerPolicy(failureThreshold=1000), options={"dialect": "redis"},
+    )
+    core = RouteCore(route, clock, model.endpoint, None, random=lambda: 0.5)
+    app = LineFactory(route, core, clock, redisDialect).buildProtocol(None)
+    appTransport = StringTransport()
+    app.makeConnection(appTransport)
+    sent: list[list[bytes]] = []
+    for step in actions:
+        kind = step[0]
+        if kind == "send":
+            commands = step[1]
+            sent += commands
+            for piece in splitAt(b"".join(encode(c) for c in commands), step[2]):
+                app.dataReceived(piece)
+        elif kind == "answer":
+            live = model.live()
+            if live:
+                entry = live[step[1] % len(live)]
+                replies = b"".join(model.apply(args) for args in entry[2][:step[2]])
+                del entry[2][:step[2]]
+                for piece in splitAt(replies, [step[3]]):
+                    entry[0].dataReceived(piece)
+        elif kind == "lose":
+            live = model.live()
+            if live:
+                entry = live[step[1] % len(live)]
+                for args in entry[2][:step[2]]:  # applied, the answer lost with the connection
+                    model.apply(args)
+                entry[2].clear()
+                entry[3] = True
+                entry[0].connectionLost(Failure(ierror.ConnectionLost()))
+        elif kind == "wait":
+            clock.advance(step[1])
+        else:
+            model.refuse = step[1]
+        clock.advance(0)  # the batcher's end-of-iteration writes
+        model.poll()
+    # Members answer everything now (or the deadline ends what they do not).
+    model.refuse = False
+    for _ in range(200):
+        clock.advance(0)
+        model.poll()
+        for entry in model.live():
+            replies = b"".join(model.apply(args) for args in entry[2])
+            entry[2].clear()
+            if replies:
+                entry[0].dataReceived(replies)
+        clock.advance(0.05)
+    answer = appTransport.value()
+    pos = 0
+    incrOk: Counter[bytes] = Counter()
+    incrMaybe: Counter[bytes] = Counter()
+    for i, args in enumerate(sent):
+        end = redisReplyAt(answer, pos) if pos < len(answer) else None
+        assert end is not None, f"command {i} {args!r} of {len(sent)} got no answer: {answer[pos:]!r}"
+        reply, pos = answer[pos:end], end
+        if reply.startswith(b"-ERR ambassador "):
+            reason = reply[16:-2].decode()
+            assert reason in MODEL_REASONS, reply
+            if args[0] == b"INCR" and reason not in ("connect-failure", "breaker-open"):
+                incrMaybe[args[1]] += 1
+            continue
+        name = args[0]
+        if name == b"ECHO":
+            assert reply == _bulk(args[1]), (i, args, reply)
+        elif name == b"SET":
+            assert reply == b"+OK\r\n", (i, args, reply)
+        elif name == b"INCR":
+            assert reply.startswith(b":"), (i, args, reply)
+            incrOk[args[1]] += 1
+        else:
+            assert reply.startswith((b"$", b"*")), (i, args, reply)
+    assert answer[pos:] == b"", f"answers beyond the {len(sent)} commands: {answer[pos:]!r}"
+    for key in set(incrOk) | set(model.applied):
+        assert incrOk[key] <= model.applied[key] <= incrOk[key] + incrMaybe[key], (
+            key, incrOk[key], model.applied[key], incrMaybe[key])
