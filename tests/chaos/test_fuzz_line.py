@@ -605,8 +605,10 @@ def test_in_process_every_command_gets_one_answer_in_order_whatever_the_members_
     """Commands pipelined by one app connection over two members that answer late,
     partly, in pieces, lose their connections after applying some commands, or refuse
     new ones: every command gets exactly one answer, in order, by the deadline: its
-    own (an ECHO its token, a GET the value last written) or an error with a SPEC
-    reason; an INCR answered is applied once, one refused before it was written never."""
+    own (an ECHO its token, a SET +OK, an INCR a number, a GET a bulk string: the two
+    members run commands in their own order, so not necessarily the last value
+    written) or an error with a SPEC reason; an INCR answered is applied exactly once,
+    and none is applied more often than it was answered or failed after being written."""
     model = ModelRedis()
     clock = Clock()
     route = Route(
