@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -38,7 +39,8 @@ class Outcome:
     ``kind``: ``ok`` (the member's complete 2xx for this request), ``error`` (the
     ambassador's own answer), ``truncated`` (the member's headers came, then the
     connection died mid-body), ``unanswered`` (no status line at all), ``wrong``
-    (an answer that is not this request's, or not a SPEC answer).
+    (an answer that is not this request's, or not a SPEC answer), ``abandoned``
+    (pipelined behind a truncated answer: its connection was gone before its turn).
     """
 
     requestId: str
@@ -69,13 +71,14 @@ class HttpLoad:
     @param postShare: the share of requests that are POSTs (unsafe: never replayed).
     @param keepAliveShare: the share of connections that carry several requests.
     @param postBytes: the range of a POST body's size.
+    @param pipelineShare: the share of connections that pipeline 2-8 requests at once.
     """
 
     def __init__(
         self, port: int, seconds: float, seed: int, clients: int = 8,
         pathFor: PathChooser = smallPaths, postShare: float = 0.3,
         keepAliveShare: float = 0.6, timeout: float = 20.0, pause: float = 0.0,
-        postBytes: tuple[int, int] = (16, 600),
+        postBytes: tuple[int, int] = (16, 600), pipelineShare: float = 0.0,
     ) -> None:
         self.port = port
         self.seconds = seconds
@@ -87,6 +90,7 @@ class HttpLoad:
         self.timeout = timeout
         self.pause = pause
         self.postBytes = postBytes
+        self.pipelineShare = pipelineShare
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -112,6 +116,9 @@ class HttpLoad:
         rng = random.Random(self.seed * 1000 + index)
         serial = 0
         while time.monotonic() < self.endsAt:
+            if self.pipelineShare and rng.random() < self.pipelineShare:
+                serial = self._pipelined(rng, index, serial)
+                continue
             keepAlive = rng.random() < self.keepAliveShare
             count = rng.randint(2, 20) if keepAlive else 1
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
@@ -164,22 +171,135 @@ class HttpLoad:
             outcome.detail = f"{type(e).__name__} after the headers"
             conn.close()
             return outcome
-        if 200 <= response.status < 300:
-            size = int(path.split("size=")[1].split("&")[0]) if "size=" in path else 64
-            if echoed != requestId:
-                outcome.kind, outcome.detail = "wrong", f"answer for {echoed!r}"
-            elif data != expectedBody(requestId, size):
-                outcome.kind, outcome.detail = "wrong", f"body of {len(data)} bytes is not this request's"
-            else:
-                outcome.kind = "ok"
-        elif response.status in SPEC_REASONS and outcome.reason in SPEC_REASONS[response.status]:
-            outcome.kind = "error"
-        else:
-            outcome.kind = "wrong"
-            outcome.detail = f"status {response.status} reason {outcome.reason!r}"
-        if outcome.attempts is None:
-            outcome.kind, outcome.detail = "wrong", "no x-ambassador-attempts header"
+        _judge(outcome, path, echoed, data)
         return outcome
+
+    def _pipelined(self, rng: random.Random, index: int, serial: int) -> int:
+        """2-8 requests written at once on one connection, their answers read in order.
+
+        Answers must come in request order, each the right one; after an answer cut
+        mid-body the connection is gone, and the requests behind it are ``abandoned``
+        (never started: the ambassador serves a connection's requests one by one).
+        """
+        batch: list[tuple[Outcome, str]] = []
+        wire = []
+        for _ in range(rng.randint(2, 8)):
+            serial += 1
+            outcome = Outcome(f"s{self.seed}c{index}n{serial}", "POST" if rng.random() < self.postShare else "GET")
+            path = self.pathFor(rng)
+            body = b""
+            if outcome.method == "POST":
+                unit = outcome.requestId.encode() + b";"
+                body = unit * (rng.randint(*self.postBytes) // len(unit) + 1)
+            wire.append(f"{outcome.method} {path} HTTP/1.1\r\nHost: chaos\r\n"
+                        f"x-request-id: {outcome.requestId}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+            outcome.reused = bool(batch)
+            batch.append((outcome, path))
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+        except OSError as e:
+            for outcome, _ in batch:
+                outcome.detail = f"connect: {e}"
+            self._record([o for o, _ in batch])
+            return serial
+        with sock:
+            started = time.monotonic()
+            for outcome, _ in batch:
+                outcome.sentAt = started
+            try:
+                sock.sendall(b"".join(wire))
+            except OSError:
+                pass  # what came back decides
+            reader = _ResponseReader(sock)
+            gone: str | None = None
+            for outcome, path in batch:
+                if gone is not None:
+                    outcome.kind = "abandoned" if gone == "cut" else "unanswered"
+                    outcome.detail = f"pipelined behind {gone}"
+                    continue
+                try:
+                    status, headers, data = reader.response()
+                except (OSError, EOFError, ValueError) as e:
+                    outcome.detail = f"{type(e).__name__}: {e}"
+                    outcome.headerSeconds = time.monotonic() - started
+                    gone = "an unanswered request"
+                    continue
+                # its deadline ran from when the ambassador took it up: the answer before
+                outcome.headerSeconds = time.monotonic() - started
+                outcome.status = status
+                outcome.reason = headers.get("x-ambassador-error")
+                attempts = headers.get("x-ambassador-attempts")
+                outcome.attempts = int(attempts) if attempts is not None and attempts.isdigit() else None
+                if data is None:
+                    outcome.kind, outcome.detail = "truncated", "connection lost mid-body"
+                    gone = "cut"
+                    continue
+                _judge(outcome, path, headers.get("x-request-id"), data)
+                started = time.monotonic()
+                if headers.get("connection", "").lower() == "close":
+                    gone = f"'connection: close' on {outcome.requestId}"
+        self._record([o for o, _ in batch])
+        return serial
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        with self._lock:
+            self.outcomes.extend(outcomes)
+
+
+class _ResponseReader:
+    """Reads HTTP/1.1 responses with a Content-Length, one after the other, off a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the connection closed")
+        self.buffer += data
+
+    def response(self) -> tuple[int, dict[str, str], bytes | None]:
+        """(status, headers, body); body None when the connection died mid-body."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" not in headers:
+            raise ValueError(f"an answer without content-length: {head[:200]!r}")
+        length = int(headers["content-length"])
+        try:
+            while len(self.buffer) < length:
+                self._fill()
+        except (OSError, EOFError):
+            return status, headers, None
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return status, headers, body
+
+
+def _judge(outcome: Outcome, path: str, echoed: str | None, data: bytes) -> None:
+    """Classify a complete answer: this request's 2xx, a SPEC error, or wrong."""
+    requestId = outcome.requestId
+    if 200 <= outcome.status < 300:
+        size = int(path.split("size=")[1].split("&")[0]) if "size=" in path else 64
+        if echoed != requestId:
+            outcome.kind, outcome.detail = "wrong", f"answer for {echoed!r}"
+        elif data != expectedBody(requestId, size):
+            outcome.kind, outcome.detail = "wrong", f"body of {len(data)} bytes is not this request's"
+        else:
+            outcome.kind = "ok"
+    elif outcome.status in SPEC_REASONS and outcome.reason in SPEC_REASONS[outcome.status]:
+        outcome.kind = "error"
+    else:
+        outcome.kind = "wrong"
+        outcome.detail = f"status {outcome.status} reason {outcome.reason!r}"
+    if outcome.attempts is None:
+        outcome.kind, outcome.detail = "wrong", "no x-ambassador-attempts header"
 
 
 def auditHttp(
@@ -197,8 +317,8 @@ def auditHttp(
     for o in outcomes:
         if o.kind in ("unanswered", "wrong"):
             problems.append(f"{o.method} {o.requestId}: {o.kind} ({o.detail})")
-        elif o.kind == "truncated" and not truncationAllowed:
-            problems.append(f"{o.method} {o.requestId}: truncated body where nothing cuts bodies")
+        elif o.kind in ("truncated", "abandoned") and not truncationAllowed:
+            problems.append(f"{o.method} {o.requestId}: {o.kind} where nothing cuts bodies")
         if o.headerSeconds > deadline + slack:
             problems.append(f"{o.method} {o.requestId}: headers after {o.headerSeconds:.2f}s "
                             f"> deadline {deadline}s + {slack}s")
@@ -212,6 +332,8 @@ def auditHttp(
     for o in outcomes:
         if o.kind == "ok" and applied[(o.method, o.requestId)] < 1:
             problems.append(f"{o.method} {o.requestId} answered 2xx but never applied")
+        if o.kind == "abandoned" and applied[(o.method, o.requestId)]:
+            problems.append(f"{o.method} {o.requestId} abandoned behind a cut answer, yet applied")
     if metrics is not None:
         answered = [o for o in outcomes if o.kind in ("ok", "error", "truncated", "wrong")]
         total = metricSum(metrics, "ambassador_requests_total", route=route)

@@ -231,7 +231,7 @@ def test_resetsBeforeTheResponse(tmp_path: Path) -> None:
     with chaosRig(tmp_path, 3, seed) as rig:
         rig.proxies[0].set("random", p=0.4, modes=["reset_before_response"], forward=True)
         rig.proxies[1].set("random", p=0.4, modes=["reset_before_response"])
-        outcomes, _, metrics = runScenario(rig, seed)
+        outcomes, _, metrics = runScenario(rig, seed, pipelineShare=0.2)
         faults = [fp.stats()["faults"].get("reset_before_response", 0) for fp in rig.proxies[:2]]
         assert all(faults), faults  # the faults happened
         assert attemptsOf(metrics, rig.upstream(0), "reset") > 0
@@ -252,7 +252,7 @@ def test_resetsMidBodyOfLargeResponsesAndUploads(tmp_path: Path) -> None:
         rig.proxies[1].set("random", p=0.3, modes=["reset_mid_response"], after=100)
         # big uploads too, some over max_retry_body (1 MiB): cut, never sent twice
         outcomes, _, _ = runScenario(rig, seed, truncationAllowed=True, clients=6, pathFor=bigPaths,
-                                     postBytes=(50_000, 1_500_000))
+                                     postBytes=(50_000, 1_500_000), pipelineShare=0.2)
         kinds = summary(outcomes)["kinds"]
         assert kinds.get("truncated", 0) > 0, kinds  # the scenario did cut bodies
         assert kinds.get("ok", 0) > kinds.get("truncated", 0), kinds
@@ -267,7 +267,7 @@ def test_blackholeAndFlappingMembers(tmp_path: Path) -> None:
             (1.0, "pass", {}), (0.7, "blackhole", {"kill": True}),
         ])
         # kill=True resets connections mid-answer too: a cut body is then the right outcome
-        outcomes, monitor, metrics = runScenario(rig, seed, truncationAllowed=True)
+        outcomes, monitor, metrics = runScenario(rig, seed, truncationAllowed=True, pipelineShare=0.2)
         assert rig.proxies[0].stats()["faults"].get("blackhole", 0) > 0
         # the blackholed member timed out, its breaker opened, then it came back
         assert attemptsOf(metrics, rig.upstream(0), "timeout") >= 5
@@ -318,7 +318,8 @@ def test_acceptAndClose(tmp_path: Path) -> None:
     with chaosRig(tmp_path, 3, seed) as rig:
         rig.proxies[0].set("random", p=0.5, modes=["accept_close"])
         rig.proxies[1].schedule([(1.0, "pass", {}), (1.0, "accept_close", {"kill": True})])
-        outcomes, _, metrics = runScenario(rig, seed, truncationAllowed=True)  # kill cuts answers
+        outcomes, _, metrics = runScenario(rig, seed, truncationAllowed=True,  # kill cuts answers
+                                           pipelineShare=0.2)
         assert rig.proxies[0].stats()["faults"].get("accept_close", 0) > 0
         assert attemptsOf(metrics, rig.upstream(0), "reset") + attemptsOf(
             metrics, rig.upstream(0), "connect-failure") > 0
