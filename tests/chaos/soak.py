@@ -492,7 +492,8 @@ upstreams = [{upstreams('cache')}]
         monitor.start()
         started = time.monotonic()
         endsAt = started + seconds
-        http = HttpLoad(ports["web"], seconds, seed, clients=4, pause=0.05, timeout=DEADLINE + 10)
+        http = HttpLoad(ports["web"], seconds, seed, clients=4, pause=0.05, timeout=DEADLINE + 10,
+                        pipelineShare=0.15)
         tcp = TcpLoad(ports["stream"], seconds, seed, clients=3)
         cache = RedisLoad(ports["cache"], seconds, seed, clients=3)
         http.start()
@@ -562,8 +563,11 @@ upstreams = [{upstreams('cache')}]
         httpSummary = summary(httpOutcomes)
         rows = [
             ("web (http)", len(httpOutcomes), httpSummary["kinds"].get("ok", 0),
-             {**httpSummary["reasons"], **({"cut mid-body": httpSummary["kinds"]["truncated"]}
-                                             if httpSummary["kinds"].get("truncated") else {})},
+             {**httpSummary["reasons"],
+              **({"cut mid-body": httpSummary["kinds"]["truncated"]}
+                 if httpSummary["kinds"].get("truncated") else {}),
+              **({"pipelined behind a cut": httpSummary["kinds"]["abandoned"]}
+                 if httpSummary["kinds"].get("abandoned") else {})},
              httpSummary["kinds"].get("unanswered", 0)),
             ("stream (tcp)", len(tcp.outcomes), tcpKinds["ok"],
              {**({"echo cut": tcpKinds["cut"]} if tcpKinds["cut"] else {}),
