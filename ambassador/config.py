@@ -442,6 +442,10 @@ def _checkTLS(errors: _Errors, where: str, tls: TLSPolicy, upstreams: Sequence[s
             key = "tls.private_key" if "private key" in str(e) else "tls.certificate"
             errors.add(where, key, str(e))
     for i, member in enumerate(upstreams):
+        try:
+            checkClientEndpoint(member)
+        except EndpointError:
+            continue  # reported as upstreams[N] already
         if isTLSMember(member):
             errors.add(
                 where, "tls",
