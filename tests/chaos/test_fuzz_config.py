@@ -223,6 +223,7 @@ def checkMessages(error: ConfigError, source: str) -> None:
 @example({"defaults": {"timeout": 10**400}, "route": [{"protocol": "tcp", "listen": "tcp:0", "upstreams": ["tcp:127.0.0.1:1"]}]})
 @example({"route": [{"protocol": "http", "listen": "tcp:0", "upstreams": ["tcp:127.0.0.1:1"], "max_retry_body": "9" * 400}]})
 @example({"defaults": {"retry": {"budget_ratio": 10**400}}, "route": [{"protocol": "tcp", "listen": "tcp:0", "upstreams": ["tcp:127.0.0.1:1"]}]})
+@example({"route": [{"protocol": "tcp", "listen": "tcp:0", "upstreams": [""], "tls": {}}]})
 def test_random_documents_load_or_name_the_key(workdir, document) -> None:
     text = tomlDocument(document)
     assert same(tomllib.loads(text), document)  # the loader, not TOML, is under test
