@@ -106,7 +106,10 @@ class MemcachedRequestParser:
                         request = stored
                     elif command == b"ms" and len(tokens) >= 3:
                         # meta set: unsupported, but skip its data block to stay in step
-                        dataEnd = end + _number(tokens[2]) + 2
+                        length = _number(tokens[2])
+                        if length > MAX_DATA:  # (else a made-up length buffers without bound)
+                            raise ProtocolError("data block too large")
+                        dataEnd = end + length + 2
                         if dataEnd > size:
                             stream.wait(dataEnd)
                             break
