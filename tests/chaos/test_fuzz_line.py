@@ -182,6 +182,8 @@ MC_MALFORMED = [
     b"set k 4294967296 0 1\r\nx\r\n",
     b"set k 0 9223372036854775808 1\r\nx\r\n",
     b"cas k 0 0 1 18446744073709551616\r\nx\r\n",
+    # a meta set (unsupported, its block skipped) whose block could never be buffered
+    b"ms k 99999999999999999999\r\n",
 ]
 
 
