@@ -299,6 +299,10 @@ class RedisRequestParser:
                     need = size + 1
                     break
                 text = buf[pos + 1:eol]
+                if text[:1] == b"0" and len(text) > 1:
+                    # redis refuses "*01" (and then closes the connection: a pooled
+                    # member connection, every app's requests in flight on it lost)
+                    raise ProtocolError("leading zero in an array length")
                 n = int(text) if text.isdigit() else _number(text)
                 if n > MAX_ARGS:
                     raise ProtocolError("too many arguments")
@@ -320,7 +324,7 @@ class RedisRequestParser:
                         need = size + 1
                         break
                     text = buf[p + 1:eol]
-                    if not text.isdigit():
+                    if not text.isdigit() or (text[0] == 48 and len(text) > 1):  # redis refuses "$04"
                         raise ProtocolError("bad bulk length")
                     start = eol + 2
                     end = start + int(text)
