@@ -164,6 +164,11 @@ REDIS_MALFORMED = [
     b"*1\r\n$" + HUGE + b"\r\n",
     b"*2\r\n$4\r\nPING\r\n$-3\r\n",
     b"*1\r\n$4\r\nPINGxx\r\n",
+    # lengths with leading zeros: redis answers a protocol error and closes the connection,
+    # a pooled member connection that other apps' requests are in flight on
+    b"*1\r\n$04\r\nPING\r\n",
+    b"*01\r\n$4\r\nPING\r\n",
+    b"*2\r\n$3\r\nGET\r\n$001\r\nk\r\n",
 ]
 MC_MALFORMED = [
     b"set k 0 0 notanumber\r\n",
