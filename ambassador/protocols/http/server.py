@@ -39,6 +39,9 @@ _SPECIAL = frozenset({
 #: Connection options that name no header (the usual values: no filtering needed).
 _PLAIN_TOKENS = frozenset({b"keep-alive", b"close"})
 
+#: How long a draining connection waits before it is judged idle (see ``drain``).
+DRAIN_LOOK = 0.05
+
 #: Access-log results of requests that never reached the core (no SPEC reason).
 BAD_REQUEST = "bad-request"
 CLIENT_TIMEOUT = "client-timeout"
@@ -517,8 +520,18 @@ class AppConnection(Protocol):
         self.transport.abortConnection()
 
     def drain(self) -> None:
-        """The route stops: close when idle, else after the response under way."""
+        """The route stops: close when idle, else after the response under way.
+
+        Idle is judged a moment later, once the reactor has read what already waits in
+        the socket: a reload or stop holds the reactor a while, and the app's next
+        request may sit unread in the kernel's buffer meanwhile; closing at once would
+        reset it unanswered, read it is answered (with ``connection: close``)."""
         self.draining = True
+        self.clock.callLater(DRAIN_LOOK, self._closeIfIdle)
+
+    def _closeIfIdle(self) -> None:
+        if self.closed or self.closing:
+            return
         if self.active is None and not self.inHead and not self.queue:
             self.closing = True
             self.transport.loseConnection()
