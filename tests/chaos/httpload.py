@@ -40,7 +40,8 @@ class Outcome:
     ambassador's own answer), ``truncated`` (the member's headers came, then the
     connection died mid-body), ``unanswered`` (no status line at all), ``wrong``
     (an answer that is not this request's, or not a SPEC answer), ``abandoned``
-    (pipelined behind a truncated answer: its connection was gone before its turn).
+    (pipelined behind a truncated answer, or behind the ambassador's error answer that
+    closed the connection: never taken up, and checked never applied).
     """
 
     requestId: str
@@ -178,8 +179,9 @@ class HttpLoad:
         """2-8 requests written at once on one connection, their answers read in order.
 
         Answers must come in request order, each the right one; after an answer cut
-        mid-body the connection is gone, and the requests behind it are ``abandoned``
-        (never started: the ambassador serves a connection's requests one by one).
+        mid-body, or an error answer that closes the connection, the requests behind it
+        are ``abandoned`` (never started: the ambassador serves a connection's requests
+        one by one).
         """
         batch: list[tuple[Outcome, str]] = []
         wire = []
@@ -214,7 +216,7 @@ class HttpLoad:
             gone: str | None = None
             for outcome, path in batch:
                 if gone is not None:
-                    outcome.kind = "abandoned" if gone == "cut" else "unanswered"
+                    outcome.kind = "abandoned" if gone.startswith("abandoned") else "unanswered"
                     outcome.detail = f"pipelined behind {gone}"
                     continue
                 try:
@@ -232,12 +234,16 @@ class HttpLoad:
                 outcome.attempts = int(attempts) if attempts is not None and attempts.isdigit() else None
                 if data is None:
                     outcome.kind, outcome.detail = "truncated", "connection lost mid-body"
-                    gone = "cut"
+                    gone = f"abandoned: the answer to {outcome.requestId} was cut"
                     continue
                 _judge(outcome, path, headers.get("x-request-id"), data)
                 started = time.monotonic()
                 if headers.get("connection", "").lower() == "close":
-                    gone = f"'connection: close' on {outcome.requestId}"
+                    # The ambassador's error before it read the whole body (an upload
+                    # cut short) closes the connection: what was pipelined behind it is
+                    # never taken up.  Behind anything else, a close loses requests.
+                    gone = (f"abandoned: {outcome.status} {outcome.reason} closed the connection"
+                            if outcome.kind == "error" else f"'connection: close' on {outcome.requestId}")
         self._record([o for o, _ in batch])
         return serial
 
@@ -317,7 +323,7 @@ def auditHttp(
     for o in outcomes:
         if o.kind in ("unanswered", "wrong"):
             problems.append(f"{o.method} {o.requestId}: {o.kind} ({o.detail})")
-        elif o.kind in ("truncated", "abandoned") and not truncationAllowed:
+        elif o.kind == "truncated" and not truncationAllowed:
             problems.append(f"{o.method} {o.requestId}: {o.kind} where nothing cuts bodies")
         if o.headerSeconds > deadline + slack:
             problems.append(f"{o.method} {o.requestId}: headers after {o.headerSeconds:.2f}s "

@@ -378,7 +378,9 @@ def test_reloadsUnderLoad(tmp_path: Path) -> None:
     at all; a browser re-sends a GET, but an app cannot re-send a POST blindly.  Those
     losses, and only those, turn this test into an xfail.  HAProxy
     (``idle-close-on-response``) and Envoy's drain answer one more request with
-    ``connection: close`` instead.
+    ``connection: close`` instead.  (A request already waiting unread in the
+    ambassador's socket as the reload drained it, often a new connection's first, was
+    lost too: that one is fixed, see ``AppConnection.drain``, and fails this test.)
     """
     seed = 808
     with chaosRig(tmp_path, 3, seed) as rig:
