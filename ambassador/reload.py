@@ -185,10 +185,14 @@ class Reloader(Service):
         self._again = False
         self._previousHandler: Any = None
 
-    def startService(self) -> None:
-        Service.startService(self)
-        if self.installSignal:
-            self.reactor.callWhenRunning(self._installHandler)
+    def privilegedStartService(self) -> None:
+        """Take SIGHUP as the routes bind, not once the reactor runs: a SIGHUP sent
+        as soon as "listening on" is logged would otherwise meet the default action
+        and end the process.  A reload asked for before the reactor runs waits for it
+        (``callFromThread`` queues)."""
+        Service.privilegedStartService(self)
+        if self.installSignal and self._previousHandler is None:
+            self._installHandler()
 
     def _installHandler(self) -> None:
         # twistd -n installs no SIGHUP handler of its own.  A Python signal handler
