@@ -233,6 +233,24 @@ def test_overloaded_connection_gets_503():
     assert endpoint.connections == []
 
 
+def test_an_excess_connection_that_sends_nothing_is_closed_after_header_timeout():
+    """Over max_connections, a silent connection does not hold its descriptor for
+    idle_timeout: it is closed once header_timeout passed with no request."""
+    route = _route(maxConnections=1)
+    app, transport, endpoint, clock, core = _app(route)
+    second = app.factory.buildProtocol(None)
+    other = StringTransportWithDisconnection()
+    other.protocol = second
+    second.makeConnection(other)
+    other.abortConnection = other.loseConnection  # type: ignore[method-assign]
+    clock.advance(route.headerTimeout - 0.01)
+    assert other.connected
+    clock.advance(0.02)
+    assert not other.connected
+    assert transport.connected  # the admitted one is left alone
+    assert endpoint.connections == []
+
+
 def test_a_big_head_in_several_reads_is_fine_under_64k_and_431_over():
     app, transport, endpoint, clock, core = _app()
     header = b"X-A: " + b"a" * 20000 + b"\r\n"

@@ -490,7 +490,18 @@ class AppConnection(Protocol):
                 setNoDelay(True)
             except OSError:
                 pass  # unix sockets
-        self.idleCall = self.clock.callLater(self.core.route.idleTimeout, self._idleCheck)
+        if self.admitted:
+            self.idleCall = self.clock.callLater(self.core.route.idleTimeout, self._idleCheck)
+        else:
+            # Over max_connections: the 503 answers the first request, which must
+            # come within header_timeout; an excess connection that sends nothing
+            # must not hold its descriptor for idle_timeout (minutes).
+            self.idleCall = self.clock.callLater(self.core.route.headerTimeout, self._excessTimedOut)
+
+    def _excessTimedOut(self) -> None:
+        self.idleCall = None
+        if not self.closed and self.active is None and not self.inHead and not self.queue:
+            self.abort()
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self.closed = True
