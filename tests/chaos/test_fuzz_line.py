@@ -40,6 +40,7 @@ from ambassador.protocols.line import LineRequest, ProtocolError
 from ambassador.protocols.line.memcached import LINE, STATS, VALUES, memcachedDialect
 from ambassador.protocols.line.plain import plainDialect
 from ambassador.protocols.line.redis import _Incomplete, encode, redisDialect, replyEnd
+from ambassador.protocols.line.pool import POOL_SIZE
 
 ROUTE = Route(name="r", protocol="line", listen="tcp:1", upstreams=("tcp:h:1",))
 HASHED = Route(name="r", protocol="line", listen="tcp:1", upstreams=("tcp:h:1",), balance="hash")
@@ -311,9 +312,20 @@ def lineRoutes(tmp_path_factory):  # type: ignore[no-untyped-def]
             else (lambda c=c: int(c.stats()[b"total_connections"]))
             for i, c in enumerate(direct)
         ]
-        for _ in range(3):  # fill the routes' member connection pools
+        # Fill the routes' member connection pools: a pool opens a connection per app
+        # connection that first needs a member, up to its size, so an example that spreads
+        # its keys differently than the warm-up did would open one more (not a loss).
+        seen = None
+        for _ in range(6):
             stillServing(amb, amb.process.pid, redisPort, mcPort)
             stillServing(amb, amb.process.pid, redisHashPort, mcHashPort)
+            touchEveryMember(redisHashPort, mcHashPort)
+            now = memberConnections()
+            if now == seen:
+                break
+            seen = now
+        else:
+            raise AssertionError(f"member connection pools never settled: {seen}")
         yield amb, redisPort, mcPort, redisHashPort, mcHashPort
     finally:
         MEMBER_CONNECTIONS.clear()
@@ -401,6 +413,32 @@ def checkAnswers(dialect, route, data: bytes, answer: bytes) -> None:  # type: i
     assert answer[pos:] == b"", (
         f"{len(requests)} requests, answer has more: {answer[pos:pos + 200]!r}"
     )
+
+
+def touchEveryMember(redisHashPort: int, mcHashPort: int) -> None:
+    """``POOL_SIZE`` app connections at once, each with a multi-key read whose keys land on
+    every member of the hashed routes, so each member's pool reaches its size."""
+    keys = [b"fill%d" % i for i in range(32)]
+    requests = ((redisHashPort, b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)
+                 + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys),
+                 b"*%d\r\n" % len(keys) + b"$-1\r\n" * len(keys)),
+                (mcHashPort, b"get " + b" ".join(keys) + b"\r\n", b"END\r\n"))
+    for port, request, expected in requests:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(POOL_SIZE)]
+        try:
+            for sock in socks:
+                sock.sendall(request)
+            for sock in socks:
+                got = b""
+                while len(got) < len(expected):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                assert got == expected, (port, got[:200])
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def stillServing(amb: Ambassador, pid: int, redisPort: int, mcPort: int) -> None:
