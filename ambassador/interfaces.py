@@ -79,8 +79,10 @@ class IRouteObserver(Interface):
     Every call is made on the hot path: implementations must be cheap.
     """
 
-    def attemptFinished(route: str, member: Any, result: str, duration: float) -> None:
-        """One attempt ended; ``result`` is 'ok' or a failure reason / status."""
+    def attemptFinished(route: str, member: Any, result: str, duration: float, count: int = 1) -> None:
+        """One attempt ended; ``result`` is 'ok' or a failure reason / status.
+        ``count`` (passed only when not 1): the attempt carried that many requests
+        (a line route's pipelined burst), to be counted as that many attempts."""
 
     def retried(route: str) -> None:
         """A retry was decided (counted when decided, before its backoff)."""
@@ -89,7 +91,8 @@ class IRouteObserver(Interface):
         """A member's breaker moved to 'closed', 'half-open' or 'open'."""
 
     def requestFinished(route: str, record: Any) -> None:
-        """A request (tcp: a connection) ended; ``record`` is a ``RequestRecord``."""
+        """A request (tcp: a connection) ended; ``record`` is a ``RequestRecord``
+        (``record.count`` requests: more than one for a line route's burst)."""
 
     def connectionsChanged(route: str, active: int) -> None:
         """The number of downstream connections of the route changed."""

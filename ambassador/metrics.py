@@ -91,10 +91,12 @@ class Metrics:
 
     # --- IRouteObserver ----------------------------------------------------------------
 
-    def attemptFinished(self, route: str, member: Any, result: str, duration: float) -> None:
+    def attemptFinished(
+        self, route: str, member: Any, result: str, duration: float, count: int = 1,
+    ) -> None:
         key = (route, member.upstream, result)
         attempts = self._attempts
-        attempts[key] = attempts.get(key, 0) + 1
+        attempts[key] = attempts.get(key, 0) + count
 
     def retried(self, route: str) -> None:
         counts = self._routes.get(route) or self._route(route)
@@ -105,13 +107,14 @@ class Metrics:
 
     def requestFinished(self, route: str, record: Any) -> None:
         key = (route, record.result)
+        n = record.count
         requests = self._requests
-        requests[key] = requests.get(key, 0) + 1
+        requests[key] = requests.get(key, 0) + n
         counts = self._routes.get(route) or self._route(route)
         duration = record.duration
-        counts.count += 1
-        counts.sum += duration
-        counts.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
+        counts.count += n
+        counts.sum += duration * n
+        counts.buckets[bisect_left(DURATION_BUCKETS, duration)] += n
         counts.bytesUp += record.bytesIn
         counts.bytesDown += record.bytesOut
 

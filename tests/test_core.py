@@ -35,8 +35,9 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def attemptFinished(self, route: str, member: Any, result: str, duration: float) -> None:
-        self.events.append(("attempt", route, member.upstream, result, duration))
+    def attemptFinished(self, route: str, member: Any, result: str, duration: float, count: int = 1) -> None:
+        for _ in range(count):
+            self.events.append(("attempt", route, member.upstream, result, duration))
 
     def retried(self, route: str) -> None:
         self.events.append(("retried", route))

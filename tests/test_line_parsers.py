@@ -103,6 +103,82 @@ def test_redis_replies_frame_the_same_however_split(replies, cuts) -> None:
     assert frameReplies(redisDialect.responseParser(), splitAt(data, cuts), kinds) == replies
 
 
+def frameMany(parser, pieces, counts):  # type: ignore[no-untyped-def]
+    """The replies as ``many`` hands them out, burst by burst (``counts`` replies
+    each), as bytes per burst; the rest of ``pieces`` is left unframed."""
+    bursts: list[bytes] = []
+    counts = list(counts)
+    got, held = 0, []
+    for piece in pieces:
+        parser.feed(piece)
+        while counts:
+            n, data = parser.many(counts[0] - got)
+            if n:
+                held.append(data)
+                got += n
+            if got < counts[0]:
+                break
+            bursts.append(b"".join(held))
+            counts.pop(0)
+            got, held = 0, []
+    return bursts
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(respReply(), min_size=1, max_size=12), st.lists(st.integers(0, 10**6), max_size=12),
+       st.lists(st.integers(1, 5), min_size=1, max_size=12))
+def test_redis_replies_frame_the_same_many_at_a_time(replies, cuts, sizes) -> None:
+    """``many`` (a burst's replies at once) frames exactly what ``next`` does, one by
+    one, however the stream is split and however the replies group into bursts."""
+    counts = []
+    left = len(replies)
+    for size in sizes:
+        if not left:
+            break
+        counts.append(min(size, left))
+        left -= counts[-1]
+    if left:
+        counts.append(left)
+    expected, at = [], 0
+    for count in counts:
+        expected.append(b"".join(replies[at:at + count]))
+        at += count
+    data = b"".join(replies)
+    assert frameMany(redisDialect.responseParser(), splitAt(data, cuts), counts) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(respReply(), max_size=4), st.binary(max_size=30), st.lists(st.integers(0, 10**6), max_size=6))
+def test_redis_many_frames_and_refuses_exactly_what_next_does(replies, junk, cuts) -> None:
+    """Good replies then anything: ``many`` hands out the replies ``next`` frames, and
+    refuses (after handing out the good ones) exactly when ``next`` refuses."""
+    data = b"".join(replies) + junk
+    one = redisDialect.responseParser()
+    one.feed(data)
+    reference: list[bytes] = []
+    refused = False
+    try:
+        while (reply := one.next(None)) is not None:
+            reference.append(reply)
+    except ProtocolError:
+        refused = True
+    parser = redisDialect.responseParser()
+    got: list[bytes] = []
+    manyRefused = False
+    try:
+        for piece in splitAt(data, cuts):
+            parser.feed(piece)
+            while True:
+                n, chunk = parser.many(3)
+                if not n:
+                    break
+                got.append(chunk)
+    except ProtocolError:
+        manyRefused = True
+    assert b"".join(got) == b"".join(reference)
+    assert manyRefused == refused
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.binary(max_size=50), max_size=10))
 def test_redis_garbage_never_crashes(pieces) -> None:

@@ -162,3 +162,114 @@ def test_coalesced_writes_go_out_once_per_reactor_iteration() -> None:
     assert [app.transport.value() for app in apps] == [b""] * 3  # answers wait too
     clock.advance(0)
     assert [app.transport.value() for app in apps] == [b"$1\r\na\r\n", b"$1\r\nb\r\n", b"$1\r\nc\r\n"]
+
+
+# --- pipelined bursts (access log off): one attempt for a run of requests -------------
+
+
+def _expand(records: Records) -> list[tuple[str, int]]:
+    """(result, attempts) per request: a burst's record stands for ``count`` of them."""
+    return [(r.result, r.attempts) for r in records.records for _ in range(r.count)]
+
+
+def test_a_pipelined_burst_goes_out_as_one_write_and_comes_back_as_one() -> None:
+    clock, endpoint, app, appTransport, records = _setUp(accessLog=False)
+    requests = [encode([b"SET", b"k", b"v"]), encode([b"GET", b"k"]), encode([b"INCR", b"n"])]
+    app.dataReceived(b"".join(requests))
+    (member,) = endpoint.protocols
+    assert member.transport.value() == b"".join(requests)
+    assert app.queue and len(app.queue) == 1 and app.unanswered == 3  # one burst
+    member.dataReceived(b"+OK\r\n$1\r\n")  # replies split anywhere
+    assert appTransport.value() == b""
+    member.dataReceived(b"v\r\n:7\r\n")
+    assert appTransport.value() == b"+OK\r\n$1\r\nv\r\n:7\r\n"
+    assert _expand(records) == [("ok", 1)] * 3
+    assert app.core.budget.requests == 3  # each request counts for the retry budget
+    assert app.unanswered == 0 and not app.queue
+
+
+def test_a_burst_cut_by_a_reset_keeps_its_answers_and_retries_each_request_alone() -> None:
+    """Two of five replies came before the connection was lost: they stand; of the
+    other three, the reads are replayed on a new connection and the write is answered
+    with ``reset`` (written, unsafe), all in request order."""
+    clock, endpoint, app, appTransport, records = _setUp(accessLog=False)
+    app.dataReceived(b"".join([
+        encode([b"GET", b"a"]), encode([b"SET", b"b", b"1"]),
+        encode([b"GET", b"c"]), encode([b"INCR", b"d"]), encode([b"GET", b"e"]),
+    ]))
+    first = endpoint.protocols[0]
+    first.dataReceived(b"$1\r\nA\r\n+OK\r\n")
+    assert appTransport.value() == b""  # a burst answers as a whole
+    first.connectionLost(Failure(ierror.ConnectionLost()))
+    assert appTransport.value() == b"$1\r\nA\r\n+OK\r\n"  # the answered part at once
+    clock.advance(0.1)  # the backoff
+    second = endpoint.protocols[1]
+    assert second.transport.value() == encode([b"GET", b"c"]) + encode([b"GET", b"e"])
+    second.dataReceived(b"$1\r\nC\r\n$1\r\nE\r\n")
+    assert appTransport.value() == (
+        b"$1\r\nA\r\n+OK\r\n$1\r\nC\r\n-ERR ambassador reset\r\n$1\r\nE\r\n")
+    assert _expand(records) == [("ok", 1), ("ok", 1), ("ok", 2), ("reset", 1), ("ok", 2)]
+    assert app.unanswered == 0 and not app.queue
+
+
+def test_a_burst_that_could_not_be_written_is_replayed_whole_request_by_request() -> None:
+    clock = Clock()
+    refused: list[Any] = []
+
+    class Refusing(FakeEndpoint):
+        def connect(self, factory: Any) -> Any:
+            if not refused:
+                refused.append(True)
+                from twisted.internet.defer import fail
+                return fail(ierror.ConnectionRefusedError())
+            return super().connect(factory)
+
+    endpoint = Refusing()
+    records = Records()
+    core = RouteCore(_route(accessLog=False), clock, lambda upstream: endpoint, [records],
+                     random=lambda: 1.0)
+    factory = LineFactory(core.route, core, clock, redisDialect)
+    app = factory.buildProtocol(None)
+    appTransport = StringTransport()
+    app.makeConnection(appTransport)
+    app.dataReceived(encode([b"SET", b"x", b"1"]) + encode([b"INCR", b"y"]))
+    clock.advance(0.1)
+    (member,) = endpoint.protocols
+    # never written: even the writes are replayed (SPEC §4/line)
+    assert member.transport.value() == encode([b"SET", b"x", b"1"]) + encode([b"INCR", b"y"])
+    member.dataReceived(b"+OK\r\n:1\r\n")
+    assert appTransport.value() == b"+OK\r\n:1\r\n"
+    assert _expand(records) == [("ok", 2), ("ok", 2)]
+
+
+def test_a_burst_that_times_out_fails_its_writes_and_retries_its_reads() -> None:
+    clock, endpoint, app, appTransport, records = _setUp(accessLog=False)
+    app.dataReceived(encode([b"GET", b"a"]) + encode([b"DEL", b"b"]))
+    first = endpoint.protocols[0]
+    clock.advance(1.0)  # the route's timeout: the attempt is abandoned, its connection closed
+    assert first.transport.disconnecting
+    clock.advance(0.1)
+    second = endpoint.protocols[1]
+    assert second.transport.value() == encode([b"GET", b"a"])
+    second.dataReceived(b"$1\r\nA\r\n")
+    assert appTransport.value() == b"$1\r\nA\r\n-ERR ambassador timeout\r\n"
+    assert _expand(records) == [("ok", 2), ("timeout", 1)]
+
+
+def test_a_burst_with_no_usable_member_answers_each_request_with_the_error() -> None:
+    clock, endpoint, app, appTransport, records = _setUp(accessLog=False)
+    member = app.core.members[0]
+    for _ in range(10):
+        member.breaker.failure()
+    assert not member.usable
+    app.dataReceived(encode([b"GET", b"a"]) * 3)
+    assert endpoint.protocols == []  # not touched
+    assert appTransport.value() == b"-ERR ambassador breaker-open\r\n" * 3
+    assert _expand(records) == [("breaker-open", 0)] * 3
+
+
+def test_bursts_only_with_the_access_log_off_and_without_hash_routing() -> None:
+    for kw in ({}, {"accessLog": False, "balance": "hash"}):
+        _clock, endpoint, app, _appTransport, _records = _setUp(**kw)
+        app.dataReceived(encode([b"GET", b"a"]) * 3)
+        assert len(app.queue) == 3, kw  # one entry per request: each its own log line / key

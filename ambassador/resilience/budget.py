@@ -60,9 +60,9 @@ class RetryBudget:
         self._secondEnds = second + 1
         return self._slot
 
-    def recordRequest(self) -> None:
-        self._requests[self._advance()] += 1
-        self._requestTotal += 1
+    def recordRequest(self, count: int = 1) -> None:
+        self._requests[self._advance()] += count
+        self._requestTotal += count
 
     @property
     def requests(self) -> int:

@@ -99,11 +99,12 @@ class Outcome:
 class RequestRecord:
     """One finished request (tcp: connection), for metrics and the access log."""
 
-    __slots__ = ("upstream", "attempts", "result", "status", "bytesIn", "bytesOut", "duration")
+    __slots__ = ("upstream", "attempts", "result", "status", "bytesIn", "bytesOut", "duration",
+                 "count")
 
     def __init__(
         self, upstream: str | None, attempts: int, result: str, duration: float,
-        bytesIn: int = 0, bytesOut: int = 0, status: int | None = None,
+        bytesIn: int = 0, bytesOut: int = 0, status: int | None = None, count: int = 1,
     ) -> None:
         self.upstream = upstream
         self.attempts = attempts
@@ -112,6 +113,11 @@ class RequestRecord:
         self.bytesIn = bytesIn
         self.bytesOut = bytesOut
         self.duration = duration
+        #: How many requests this record stands for: a line route's pipelined burst
+        #: that went out and came back as one is recorded once, for all of them
+        #: (same upstream, attempts, result and duration; bytes are the burst's).
+        #: Only made with the route's access log off (a line is per request).
+        self.count = count
 
 
 class ObserverList(list):  # type: ignore[type-arg]
@@ -366,6 +372,8 @@ class RouteCore:
         """A request (tcp: connection) ended: count it and write its access-log line."""
         self.events.requestFinished(self.name, record)
         if self.route.accessLog:
+            # A record of several requests (``count``) is never made with the access
+            # log on: each line needs its request's own bytes.
             # The event accessLog.info() would emit, without Logger.emit's own work
             # (a level check that iterates LogLevel's constants), once per request.
             accessLog.observer({
@@ -485,6 +493,11 @@ class Call:
         "budgetExhausted", "traceValue",
     )
 
+    #: How many requests this call carries (a line route's pipelined burst: several,
+    #: written and answered as one; see ``ambassador.protocols.line.protocol``).  The
+    #: budget counts them all, metrics count that many attempts.
+    count = 1
+
     def __init__(
         self, core: RouteCore, key: bytes | None = None, safe: Any = True,
         retryOn: Collection[str] = reasons.RETRYABLE, attemptTimeout: float | None = None,
@@ -533,7 +546,7 @@ class Call:
     def start(self) -> None:
         core = self.core
         self.deadlineAt = core.clock.seconds() + core.route.deadline
-        core.budget.recordRequest()
+        core.budget.recordRequest(self.count)
         self._next()
 
     def cancel(self) -> None:
@@ -570,7 +583,7 @@ class Call:
         self.tries += 1
         self.member = member
         member.inFlight += 1
-        member.attempts += 1
+        member.attempts += self.count
         now = core.clock.seconds()
         left = self.deadlineAt - now
         if self.trace is not None:
@@ -628,7 +641,11 @@ class Call:
         core = self.core
         member.breaker.success()
         duration = core.clock.seconds() - self.attemptStarted
-        core.events.attemptFinished(core.name, member, reasons.OK, duration)
+        count = self.count
+        if count == 1:
+            core.events.attemptFinished(core.name, member, reasons.OK, duration)
+        else:
+            core.events.attemptFinished(core.name, member, reasons.OK, duration, count)
         if self.trace is not None:
             self._traceAttempt(member, reasons.OK, self.attemptStarted, duration)
             self.traceValue = self._traceValue()
@@ -659,10 +676,21 @@ class Call:
         member.failures += 1
         member.breaker.failure()
         now = core.clock.seconds()
-        core.events.attemptFinished(core.name, member, failed.reason, now - startedAt)
+        count = self.count
+        if count == 1:
+            core.events.attemptFinished(core.name, member, failed.reason, now - startedAt)
+        else:
+            core.events.attemptFinished(core.name, member, failed.reason, now - startedAt, count)
         if self.trace is not None:
             self._traceAttempt(member, failed.reason, startedAt, now - startedAt)
+        self.retryOrStop(failed, member, now)
 
+    def retryOrStop(self, failed: AttemptFailed, member: Member, now: float) -> None:
+        """After the failed attempt on ``member``: retry (after the backoff) if tries,
+        the failure, the request's safety, the deadline and the budget allow, else
+        give the verdict.  Also how a request that failed as part of a burst goes on
+        on its own (``tries``, ``deadlineAt`` and ``lastFailure`` set by its burst)."""
+        core = self.core
         if (
             self.tries >= core.route.retry.attempts
             or failed.reason == reasons.DEADLINE

@@ -37,6 +37,12 @@ log = Logger(namespace="ambassador")
 #: connections means deeper pipelines and fewer system calls per request.
 POOL_SIZE = 4
 
+#: ``LineRequest.kind`` of a burst: several pipelined requests written as one, whose
+#: replies (one each, in order) are framed and handed back as one.  The burst's
+#: ``info`` is its list of requests; the call carries ``got`` (replies framed so
+#: far) and ``pieces`` (their bytes).
+MANY = object()
+
 class Batcher:
     """Coalesces writes made while handling input into one write per transport.
 
@@ -107,6 +113,8 @@ class MemberConnection(Protocol):
         self.users = 0
         self.pending: Deferred[Any] | None = None
         self.write: Any = None
+        #: The dialect's framing of several replies at once, if it has one.
+        self.many = getattr(self.parser, "many", None)
 
     # --- requests ----------------------------------------------------------------
 
@@ -195,7 +203,8 @@ class MemberConnection(Protocol):
             nextReply = parser.next
             while inFlight:
                 call = inFlight[0]
-                reply = nextReply(call.request.kind)
+                kind = call.request.kind
+                reply = nextReply(kind) if kind is not MANY else self._frameMany(call)
                 if reply is None:
                     break
                 inFlight.popleft()
@@ -209,6 +218,29 @@ class MemberConnection(Protocol):
             self.shutdown(reasons.PROTOCOL_ERROR)
         finally:
             batcher.uncork()
+
+    def _frameMany(self, call: Any) -> bytes | None:
+        """The replies of a burst, once all are in; until then keep those framed."""
+        infos = call.request.info
+        want = len(infos)
+        many = self.many
+        if many is not None:
+            n, data = many(want - call.got)
+            if n:
+                call.pieces.append(data)
+                call.got += n
+        else:
+            nextReply = self.parser.next
+            while call.got < want:
+                reply = nextReply(infos[call.got].kind)
+                if reply is None:
+                    break
+                call.pieces.append(reply)
+                call.got += 1
+        if call.got < want:
+            return None
+        pieces = call.pieces
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self.connected = False
