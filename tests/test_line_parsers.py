@@ -9,7 +9,7 @@ from zope.interface.verify import verifyObject
 
 from ambassador.config import Route
 from ambassador.interfaces import ILineDialect
-from ambassador.protocols.line import LineRequest, ProtocolError
+from ambassador.protocols.line import LineRun, LineRequest, ProtocolError
 from ambassador.protocols.line.memcached import LINE, STATS, VALUES, memcachedDialect
 from ambassador.protocols.line.plain import plainDialect
 from ambassador.protocols.line.redis import encode, redisDialect
@@ -354,6 +354,58 @@ def test_hiredis_framing_is_exactly_the_python_framing(stream, hashing) -> None:
     reader, redis._Reader = redis._Reader, None
     try:
         reference = frame(redisDialect.requestParser(route), [stream])
+    finally:
+        redis._Reader = reader
+    assert fast == reference
+
+
+def expand(requests):  # type: ignore[no-untyped-def]
+    """Runs (``LineRun``) replaced by the single requests they stand for."""
+    out = []
+    for request in requests:
+        if isinstance(request, LineRun):
+            singles = request.split()
+            assert len(singles) == request.count and b"".join(r.raw for r in singles) == request.raw
+            out.extend(singles)
+        else:
+            out.append(request)
+    return out
+
+
+name = st.sampled_from([b"GET", b"SET", b"INCR", b"get", b"Nope"]).map(lambda n: b"$%d\r\n%s\r\n" % (len(n), n))
+
+
+@st.composite
+def commandStream(draw: st.DrawFn) -> bytes:
+    """Mostly canonical commands named by known plain commands, now and then odd."""
+    out = []
+    for _ in range(draw(st.integers(1, 8))):
+        elements = [draw(name)] + draw(st.lists(st.one_of(bulk, bulk, bulk, bulk, bulk, oddElement), max_size=3))
+        head = draw(st.one_of(st.just(b"*%d\r\n"), st.just(b"*%d\r\n"), st.just(b"*%d\r\n"), header))
+        out.append(head % len(elements) + b"".join(elements))
+    stream = b"".join(out)
+    return stream[:draw(st.integers(0, len(stream)))] if draw(st.booleans()) else stream
+
+
+@settings(max_examples=300, deadline=None)
+@given(commandStream(), st.lists(st.integers(0, 10**6), max_size=4))
+def test_runs_frame_exactly_the_python_framing(stream, cuts) -> None:
+    """A parser allowed runs frames the same requests (once its runs are split) as the
+    reference Python framing, however the stream arrives; a run is never made of a
+    request the reference would refuse or answer itself."""
+    import ambassador.protocols.line.redis as redis
+
+    for warm in (b"GET", b"SET", b"INCR", b"get"):  # the plain-command cache knows them
+        redisDialect.requestParser(ROUTE).feed(encode([warm, b"k"]))
+    parser = redisDialect.requestParser(ROUTE)
+    parser.runs = True
+    got: list[LineRequest] = []
+    for piece in splitAt(stream, cuts):
+        got.extend(parser.feed(piece))
+    fast = [(r.raw, r.key, r.safe, r.kind, r.expectsReply, r.error, r.close) for r in expand(got)]
+    reader, redis._Reader = redis._Reader, None
+    try:
+        reference = frame(redisDialect.requestParser(ROUTE), splitAt(stream, cuts))
     finally:
         redis._Reader = reader
     assert fast == reference

@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from ambassador.config import ConfigError, RetryPolicy, Route, loadConfig
 from ambassador.interfaces import IRouteProtocol
+from ambassador.protocols.line import LineRun
 from ambassador.protocols.line.protocol import LineFactory, lineProtocol
 from ambassador.protocols.line.redis import encode, redisDialect
 from ambassador.resilience.core import RouteCore
@@ -175,17 +176,47 @@ def _expand(records: Records) -> list[tuple[str, int]]:
 def test_a_pipelined_burst_goes_out_as_one_write_and_comes_back_as_one() -> None:
     clock, endpoint, app, appTransport, records = _setUp(accessLog=False)
     requests = [encode([b"SET", b"k", b"v"]), encode([b"GET", b"k"]), encode([b"INCR", b"n"])]
-    app.dataReceived(b"".join(requests))
-    (member,) = endpoint.protocols
-    assert member.transport.value() == b"".join(requests)
-    assert app.queue and len(app.queue) == 1 and app.unanswered == 3  # one burst
-    member.dataReceived(b"+OK\r\n$1\r\n")  # replies split anywhere
-    assert appTransport.value() == b""
-    member.dataReceived(b"v\r\n:7\r\n")
-    assert appTransport.value() == b"+OK\r\n$1\r\nv\r\n:7\r\n"
-    assert _expand(records) == [("ok", 1)] * 3
-    assert app.core.budget.requests == 3  # each request counts for the retry budget
+    for turn in range(2):
+        app.dataReceived(b"".join(requests))
+        (member,) = endpoint.protocols
+        assert member.transport.value() == b"".join(requests) * (turn + 1)
+        assert app.unanswered == 3
+        if turn == 1:
+            # the redis parser knows these commands by now: it frames them as one run
+            (burst,) = app.queue
+            assert burst.count == 3 and type(burst.request) is LineRun
+        member.dataReceived(b"+OK\r\n$1\r\n")  # replies split anywhere
+        assert appTransport.value() == b"+OK\r\n$1\r\nv\r\n:7\r\n" * turn
+        member.dataReceived(b"v\r\n:7\r\n")
+        assert appTransport.value() == b"+OK\r\n$1\r\nv\r\n:7\r\n" * (turn + 1)
+    assert _expand(records) == [("ok", 1)] * 6
+    assert app.core.budget.requests == 6  # each request counts for the retry budget
     assert app.unanswered == 0 and not app.queue
+
+
+def test_the_route_makes_bursts_of_a_dialect_s_single_requests() -> None:
+    """A dialect whose parser hands out single requests (memcached) still has its
+    pipelined requests sent and answered as one burst."""
+    from ambassador.protocols.line.memcached import memcachedDialect
+
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    records = Records()
+    route = _route(accessLog=False, options={"dialect": "memcached"})
+    core = RouteCore(route, clock, lambda upstream: endpoint, [records], random=lambda: 1.0)
+    factory = LineFactory(route, core, clock, memcachedDialect)
+    app = factory.buildProtocol(None)
+    appTransport = StringTransport()
+    app.makeConnection(appTransport)
+    app.dataReceived(b"get a b\r\nset c 0 0 1\r\nx\r\nincr n 1\r\n")
+    (burst,) = app.queue
+    assert burst.count == 3
+    (member,) = endpoint.protocols
+    member.dataReceived(b"VALUE a 0 1\r\nA\r\nEND\r\nSTO")
+    assert appTransport.value() == b""
+    member.dataReceived(b"RED\r\n5\r\n")
+    assert appTransport.value() == b"VALUE a 0 1\r\nA\r\nEND\r\nSTORED\r\n5\r\n"
+    assert _expand(records) == [("ok", 1)] * 3
 
 
 def test_a_burst_cut_by_a_reset_keeps_its_answers_and_retries_each_request_alone() -> None:

@@ -52,6 +52,9 @@ class LineRequest:
         "safe",
     )
 
+    #: How many requests this stands for (a :class:`LineRun`: several).
+    count = 1
+
     def __init__(
         self, raw: bytes, key: bytes | None = None, safe: bool = False, kind: Any = None,
         expectsReply: bool = True, keys: Any = None, error: str | None = None,
@@ -75,6 +78,39 @@ class LineRequest:
 
     def __repr__(self) -> str:
         return f"<LineRequest {self.raw[:40]!r} key={self.key!r} safe={self.safe}>"
+
+
+#: ``LineRequest.kind`` of a :class:`LineRun`.
+MANY = object()
+
+
+class LineRun(LineRequest):
+    """Several requests in a row of one app connection, handled as one (a burst):
+    ``count`` requests whose bytes, in order, are ``raw``; each is sent as it is,
+    expects one reply and is answered by no one but a member.
+
+    The line route makes runs of the requests a dialect's parser hands it.  A
+    parser may also hand out runs itself, which spares it an object per request:
+    it may when the route sets its ``runs`` attribute to True (never under hash
+    routing, nor with the access log on), and then ``split`` must give the single
+    requests, used only when one of them must go on alone (a retry).
+    """
+
+    __slots__ = ("count", "split")
+
+    def __init__(self, raw: bytes, count: int, split: Any) -> None:
+        LineRequest.__init__(self, raw, kind=MANY)
+        self.count = count
+        #: () -> the ``count`` single ``LineRequest`` objects.
+        self.split = split
+
+    @classmethod
+    def of(cls, requests: list[LineRequest]) -> LineRun:
+        """The run of ``requests`` (single requests, already framed)."""
+        return cls(b"".join([r.raw for r in requests]), len(requests), requests.copy)
+
+    def __repr__(self) -> str:
+        return f"<LineRun of {self.count} {self.raw[:40]!r}>"
 
 
 class Stream:

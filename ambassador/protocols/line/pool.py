@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ambassador.protocols.http.transport import writerFor
-from ambassador.protocols.line import LineRequest, ProtocolError
+from ambassador.protocols.line import MANY, LineRequest, ProtocolError
 from ambassador.resilience import reasons
 from ambassador.resilience.member import Member
 from ambassador.resilience.reasons import AttemptFailed
@@ -37,11 +37,6 @@ log = Logger(namespace="ambassador")
 #: connections means deeper pipelines and fewer system calls per request.
 POOL_SIZE = 4
 
-#: ``LineRequest.kind`` of a burst: several pipelined requests written as one, whose
-#: replies (one each, in order) are framed and handed back as one.  The burst's
-#: ``info`` is its list of requests; the call carries ``got`` (replies framed so
-#: far) and ``pieces`` (their bytes).
-MANY = object()
 
 class Batcher:
     """Coalesces writes made while handling input into one write per transport.
@@ -220,9 +215,10 @@ class MemberConnection(Protocol):
             batcher.uncork()
 
     def _frameMany(self, call: Any) -> bytes | None:
-        """The replies of a burst, once all are in; until then keep those framed."""
-        infos = call.request.info
-        want = len(infos)
+        """The replies of a burst (its request a ``LineRun``), once all are in; until
+        then the call keeps those framed: ``got`` of them, their bytes in ``pieces``."""
+        run = call.request
+        want = run.count
         many = self.many
         if many is not None:
             n, data = many(want - call.got)
@@ -231,8 +227,9 @@ class MemberConnection(Protocol):
                 call.got += n
         else:
             nextReply = self.parser.next
+            requests = run.split()
             while call.got < want:
-                reply = nextReply(infos[call.got].kind)
+                reply = nextReply(requests[call.got].kind)
                 if reply is None:
                     break
                 call.pieces.append(reply)

@@ -21,8 +21,8 @@ from zope.interface import implementer
 
 from ambassador.interfaces import ILineDialect, IRouteProtocol, RouteOption
 from ambassador.protocols.http.transport import writerFor
-from ambassador.protocols.line import LineRequest
-from ambassador.protocols.line.pool import MANY, Batcher, MemberConnection, Pool, _noDelay
+from ambassador.protocols.line import MANY, LineRequest, LineRun
+from ambassador.protocols.line.pool import Batcher, MemberConnection, Pool, _noDelay
 from ambassador.resilience import reasons
 from ambassador.resilience.core import Call, RequestRecord, RouteCore
 from ambassador.resilience.member import Member
@@ -149,18 +149,16 @@ class _Burst(Call):
         "pieces",
         "reply",
         "request",
-        "requests",
         "result",
         "started",
         "upstream",
     )
 
-    def __init__(self, app: LineAppProtocol, requests: list[LineRequest], started: float) -> None:
+    def __init__(self, app: LineAppProtocol, run: LineRun, started: float) -> None:
         Call.__init__(self, app.core, None, False)
         self.app = app
-        self.requests = requests
-        self.count = len(requests)
-        self.request = LineRequest(b"".join([r.raw for r in requests]), kind=MANY, info=requests)
+        self.request = run
+        self.count = run.count
         self.started = started
         self.reply: bytes | None = None
         self.result = reasons.OK
@@ -204,7 +202,8 @@ class _Burst(Call):
         others goes on alone, in the app's queue where the burst stood."""
         app = self.app
         got = self.got
-        rest = [_Entry(app, request, self.started) for request in self.requests[got:]]
+        requests = self.request.split()
+        rest = [_Entry(app, request, self.started) for request in requests[got:]]
         for entry in rest:
             entry.deadlineAt = self.deadlineAt
             entry.tries = 1
@@ -216,10 +215,8 @@ class _Burst(Call):
         except ValueError:  # the app connection closed and its queue was cleared
             where = -1
         if got:
-            answered = self.requests[:got]
-            self.requests = answered
+            self.request = LineRun.of(requests[:got])
             self.count = got
-            self.request = LineRequest(b"".join([r.raw for r in answered]), kind=MANY, info=answered)
             self.attempts = 1
             self.upstream = member.upstream
             where += 1 if where >= 0 else 0
@@ -326,6 +323,8 @@ class LineAppProtocol(Protocol):
         self.write = writerFor(self.transport)
         self.factory.apps.add(self)
         self.parser = self.dialect.requestParser(self.core.route)
+        if self.factory.bursts and hasattr(self.parser, "runs"):
+            self.parser.runs = True  # it may frame a burst as one LineRun
         self.idleCall = self.clock.callLater(self.core.route.idleTimeout, self._idleCheck)
         if self.factory.draining:
             self.drain()
@@ -388,7 +387,7 @@ class LineAppProtocol(Protocol):
         batcher = self.factory.batcher
         batcher.depth += 1  # cork: one write per member connection for the burst
         try:
-            if len(requests) > 1 and self.factory.bursts:
+            if self.factory.bursts and (len(requests) > 1 or requests[0].kind is MANY):
                 self._submitBursts(requests, now)
             else:
                 self._submit(requests, now)
@@ -422,9 +421,18 @@ class LineAppProtocol(Protocol):
         """Runs of plain requests as one core call each (``_Burst``), the rest alone."""
         queue = self.queue
         submit = self.core.submit
-        self.unanswered += len(requests)
         run: list[LineRequest] = []
         for request in requests:
+            if request.kind is MANY:  # the parser's own run
+                if run:
+                    self._submitRun(run, now)
+                    run = []
+                self.unanswered += request.count
+                burst = _Burst(self, request, now)  # type: ignore[arg-type]
+                queue.append(burst)  # type: ignore[arg-type]
+                submit(burst)
+                continue
+            self.unanswered += 1
             if (
                 request.error is None and request.localReply is None
                 and request.expectsReply and not request.close
@@ -447,7 +455,7 @@ class LineAppProtocol(Protocol):
             self._submitRun(run, now)
 
     def _submitRun(self, run: list[LineRequest], now: float) -> None:
-        call: Call = _Burst(self, run, now) if len(run) > 1 else _Entry(self, run[0], now)
+        call: Call = _Burst(self, LineRun.of(run), now) if len(run) > 1 else _Entry(self, run[0], now)
         self.queue.append(call)  # type: ignore[arg-type]
         self.core.submit(call)
 

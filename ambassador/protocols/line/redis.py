@@ -20,7 +20,9 @@ try:
     from hiredis import Reader as _Reader
 except ImportError:  # pragma: no cover - hiredis is a dependency; the Python framing stays exact
     _Reader = None
-from ambassador.protocols.line import MAX_LINE, LineRequest, ProtocolError, Stream
+from functools import partial
+
+from ambassador.protocols.line import MAX_LINE, LineRequest, LineRun, ProtocolError, Stream
 
 #: Redis's own limits (proto-max-bulk-len, and the multibulk length it accepts).
 MAX_BULK = 512 * 1024 * 1024
@@ -246,6 +248,69 @@ def _frameBurst(
         pos = p
 
 
+#: The canonical heads of small arrays and bulk strings (``*N\r\n``, ``$N\r\n``).
+_ARRAY_HEADS = [b"*%d\r\n" % n for n in range(64)]
+_BULK_HEADS = [b"$%d\r\n" % n for n in range(1024)]
+_CRLF = b"\r\n"
+
+
+def _frameRun(buf: bytes, pos: int, plain: dict[bytes, bool], out: list[LineRequest]) -> int:
+    """Frame the plain commands at the start of ``buf[pos:]`` as one ``LineRun``
+    (at least two of them); return where the per-command framing takes over.
+
+    hiredis parses the commands; their canonical encoding (``*N``, then per
+    argument ``$LEN``, the bytes, CRLF: the only form the per-command framing
+    accepts) is built for all of them at once and compared with the buffer in one
+    go, which proves every command strict and gives the run's end, without the
+    per-argument checks and the request object per command of ``_frameBurst``.
+    Anything else (a command that is not plain, not an array of bulk strings, not
+    canonical, incomplete) ends the run, or leaves it all to ``_frameBurst``.
+    """
+    reader = _Reader()
+    reader.feed(buf, pos)
+    gets = reader.gets
+    commands: list[list[bytes]] = []
+    parts: list[bytes] = []
+    append = parts.append
+    arrayHeads = _ARRAY_HEADS
+    bulkHeads = _BULK_HEADS
+    crlf = _CRLF
+    while True:
+        mark = len(parts)
+        try:
+            args = gets()
+            if type(args) is not list or not args or args[0] not in plain:
+                break
+            n = len(args)
+            append(arrayHeads[n] if n < 64 else b"*%d\r\n" % n)
+            for arg in args:
+                size = len(arg)
+                append(bulkHeads[size] if size < 1024 else b"$%d\r\n" % size)
+                append(arg)
+                append(crlf)
+        except Exception:  # noqa: BLE001 - hiredis.ProtocolError, a non-bytes argument
+            del parts[mark:]
+            break
+        commands.append(args)
+    if len(commands) < 2:
+        return pos
+    try:
+        canonical = b"".join(parts)
+    except TypeError:  # an argument was not bytes (a nested array)
+        return pos
+    if not buf.startswith(canonical, pos):
+        return pos
+    end = pos + len(canonical)
+    out.append(LineRun(buf[pos:end], len(commands), partial(_splitRun, commands, plain)))
+    return end
+
+
+def _splitRun(commands: list[list[bytes]], plain: dict[bytes, bool]) -> list[LineRequest]:
+    """The single requests of a run ``_frameRun`` made (each was canonical)."""
+    return [LineRequest(encode(args), args[1] if len(args) > 1 else None, plain[args[0]])
+            for args in commands]
+
+
 class RedisRequestParser:
     """Frames one app connection's RESP2 stream into requests.
 
@@ -258,6 +323,8 @@ class RedisRequestParser:
 
     def __init__(self, hashing: bool) -> None:
         self.hashing = hashing
+        #: May ``feed`` hand out a ``LineRun`` (set by the route, see ``LineRun``)?
+        self.runs = False
         self.plain = _plainCommands(hashing)
         self.stream = Stream()
         self.failed = False
@@ -278,7 +345,10 @@ class RedisRequestParser:
         need = 0  # > 0: the buffer length needed to frame the request at pos
         try:
             if _Reader is not None and buf[pos] == 42 and size - pos <= FAST_BURST:
-                pos = _frameBurst(buf, pos, plain, self.classify, out)
+                if self.runs:
+                    pos = _frameRun(buf, pos, plain, out)
+                if pos < size and buf[pos] == 42:
+                    pos = _frameBurst(buf, pos, plain, self.classify, out)
             while pos < size:
                 if buf[pos] != 42:  # not *: an inline command
                     eol = find(b"\n", pos)
