@@ -33,6 +33,7 @@ import io
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,17 @@ def lineOverlay(rev: str, tmp: Path) -> Path:
     return root
 
 
+def cpuSeconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def benchmark(port: int, pipeline: int, requests: int, cpus: str | None) -> dict[str, float]:
     command = ["redis-benchmark", "-p", str(port), "-t", "get,set", "-c", "50",
                "-n", str(requests), "-P", str(pipeline), "--csv"]
@@ -121,6 +133,8 @@ def benchmark(port: int, pipeline: int, requests: int, cpus: str | None) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat each measurement, interleaved across targets; medians shown")
     parser.add_argument("--line-rev", metavar="REV",
                         help="also run the line route as of this git revision (before/after)")
     args = parser.parse_args()
@@ -142,8 +156,9 @@ def main() -> None:
         f'[[route]]\nname = "bench"\nprotocol = "line"\ndialect = "redis"\n'
         f'listen = "tcp:{ambPort}"\nupstreams = ["tcp:127.0.0.1:{redisPort}"]\naccess_log = false\n'
     )
-    spawn([*TWISTD, "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
-           str(tmp / "ambassador.toml")], proxyCpu, tmp / "ambassador.log")
+    pids: dict[str, int] = {}
+    pids["ambassador"] = spawn([*TWISTD, "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
+                                str(tmp / "ambassador.toml")], proxyCpu, tmp / "ambassador.log").pid
     waitForPort(ambPort)
     targets["ambassador"] = ambPort
 
@@ -153,10 +168,11 @@ def main() -> None:
         (tmp / "before.toml").write_text(
             (tmp / "ambassador.toml").read_text().replace(f"tcp:{ambPort}", f"tcp:{oldPort}"))
         env = dict(os.environ, PYTHONPATH=f"{overlay}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        spawn([*TWISTD, "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
-               str(tmp / "before.toml")], proxyCpu, tmp / "before.log", env=env, cwd=overlay)
+        name = f"amb-{args.line_rev}"[:14]
+        pids[name] = spawn([*TWISTD, "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
+                            str(tmp / "before.toml")], proxyCpu, tmp / "before.log", env=env, cwd=overlay).pid
         waitForPort(oldPort)
-        targets[f"amb-{args.line_rev}"[:14]] = oldPort
+        targets[name] = oldPort
 
     if shutil.which("nutcracker"):
         twemPort, statsPort = freePort(), freePort()
@@ -164,8 +180,8 @@ def main() -> None:
             f"bench:\n  listen: 127.0.0.1:{twemPort}\n  hash: fnv1a_64\n  distribution: ketama\n"
             f"  redis: true\n  server_connections: 1\n  servers:\n   - 127.0.0.1:{redisPort}:1\n"
         )
-        spawn(["nutcracker", "-c", str(tmp / "nutcracker.yml"), "-s", str(statsPort),
-               "-o", str(tmp / "nutcracker.log")], proxyCpu, tmp / "nutcracker.out")
+        pids["twemproxy"] = spawn(["nutcracker", "-c", str(tmp / "nutcracker.yml"), "-s", str(statsPort),
+                                   "-o", str(tmp / "nutcracker.log")], proxyCpu, tmp / "nutcracker.out").pid
         waitForPort(twemPort)
         targets["twemproxy"] = twemPort
     else:
@@ -179,21 +195,33 @@ def main() -> None:
             f"frontend f\n  bind 127.0.0.1:{haPort}\n  default_backend b\n"
             f"backend b\n  server r 127.0.0.1:{redisPort}\n"
         )
-        spawn(["haproxy", "-f", str(tmp / "haproxy.cfg")], proxyCpu, tmp / "haproxy.log")
+        pids["haproxy-tcp"] = spawn(["haproxy", "-f", str(tmp / "haproxy.cfg")], proxyCpu, tmp / "haproxy.log").pid
         waitForPort(haPort)
         targets["haproxy-tcp"] = haPort
 
     requests = {1: 10000 if args.quick else 30000, 16: 30000 if args.quick else 100000}
-    results: dict[tuple[str, int], dict[str, float]] = {}
+    rounds: dict[tuple[str, int], list[dict[str, float]]] = {}
     for pipeline in (1, 16):
         for name, port in targets.items():
             benchmark(port, pipeline, requests[pipeline] // 10, otherCpus)  # warm up
-            results[(name, pipeline)] = benchmark(port, pipeline, requests[pipeline], otherCpus)
+        for _ in range(args.rounds):  # interleaved: load that comes and goes hits all alike
+            for name, port in targets.items():
+                pid = pids.get(name)
+                before = cpuSeconds(pid)
+                ops = benchmark(port, pipeline, requests[pipeline], otherCpus)
+                if pid is not None and ops:
+                    # redis-benchmark -t get,set runs requests of each
+                    ops["cpu"] = (cpuSeconds(pid) - before) / (2 * requests[pipeline]) * 1e6
+                rounds.setdefault((name, pipeline), []).append(ops)
+    results = {key: {t: statistics.median(r.get(t, 0) for r in runs) for t in ("SET", "GET", "cpu")}
+               for key, runs in rounds.items()}
 
-    print(f"\nredis-benchmark -t get,set -c 50 ({cores} cores; proxies pinned to cpu {proxyCpu})")
-    print(f"{'target':<14}{'P':>4}{'SET ops/s':>14}{'GET ops/s':>14}")
+    print(f"\nredis-benchmark -t get,set -c 50 ({cores} cores; proxies pinned to cpu {proxyCpu}; "
+          f"median of {args.rounds}; load average {os.getloadavg()[0]:.1f})")
+    print(f"{'target':<14}{'P':>4}{'SET ops/s':>14}{'GET ops/s':>14}{'proxy CPU us/op':>18}")
     for (name, pipeline), ops in results.items():
-        print(f"{name:<14}{pipeline:>4}{ops.get('SET', 0):>14,.0f}{ops.get('GET', 0):>14,.0f}")
+        cpu = f"{ops['cpu']:.1f}" if ops.get("cpu") else "-"
+        print(f"{name:<14}{pipeline:>4}{ops.get('SET', 0):>14,.0f}{ops.get('GET', 0):>14,.0f}{cpu:>18}")
     print()
     for pipeline, goal in ((1, 0.3), (16, 0.5)):
         amb = results.get(("ambassador", pipeline), {})
@@ -204,7 +232,10 @@ def main() -> None:
             ratios = [amb.get(t, 0) / ref[t] for t in ("SET", "GET") if ref.get(t)]
             text = " ".join(f"{r:.2f}" for r in ratios)
             extra = f" (goal >= {goal} x twemproxy)" if other == "twemproxy" else ""
-            print(f"P={pipeline:<3} ambassador / {other:<12} SET GET: {text}{extra}")
+            cpu = ""
+            if amb.get("cpu") and ref.get("cpu"):
+                cpu = f"; CPU per op {amb['cpu'] / ref['cpu']:.1f}x"
+            print(f"P={pipeline:<3} ambassador / {other:<12} SET GET: {text}{extra}{cpu}")
 
 
 if __name__ == "__main__":
