@@ -12,6 +12,7 @@ are answered here and never reach a member.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Any
 
@@ -39,7 +40,8 @@ _SPECIAL = frozenset({
 #: Connection options that name no header (the usual values: no filtering needed).
 _PLAIN_TOKENS = frozenset({b"keep-alive", b"close"})
 
-#: How long a draining connection waits before it is judged idle (see ``drain``).
+#: How long a connection that drains because its route stops waits before it is
+#: judged idle (see ``AppConnection.drain``).
 DRAIN_LOOK = 0.05
 
 #: Access-log results of requests that never reached the core (no SPEC reason).
@@ -464,6 +466,9 @@ class AppConnection(Protocol):
         self.closed = False
         self.closing = False
         self.draining = False
+        #: While draining: when an idle connection stops waiting for the next request.
+        self.drainEnds = 0.0
+        self.drainCall: Any = None
         self.lastActivity = 0.0
         self.idleCall: Any = None
         # Wire accounting for bytes_in (SPEC §6: what the app sent, heads included):
@@ -505,11 +510,16 @@ class AppConnection(Protocol):
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self.closed = True
-        self.factory.connections.discard(self)
-        for call in (self.idleCall, self.headerCall):
+        factory = self.factory
+        factory.connections.discard(self)
+        if factory.stopped and not factory.connections:
+            # The last connection of a stopped route: the member connections that its
+            # drained requests put back in the pool are of no further use.
+            factory.pool.closeAll()
+        for call in (self.idleCall, self.headerCall, self.drainCall):
             if call is not None and call.active():
                 call.cancel()
-        self.idleCall = self.headerCall = None
+        self.idleCall = self.headerCall = self.drainCall = None
         active = self.active
         if active is not None and not active.finished:
             active.result = CLIENT_CLOSED if active.result == reasons.OK else active.result
@@ -530,22 +540,46 @@ class AppConnection(Protocol):
         """Close now (drain timeout, idle): whatever is in flight is dropped."""
         self.transport.abortConnection()
 
-    def drain(self) -> None:
-        """The route stops: close when idle, else after the response under way.
+    def drain(self, bound: float = DRAIN_LOOK) -> None:
+        """Take no request beyond those the app sends within ``bound``: answer them,
+        the last with ``connection: close``, then close.
 
-        Idle is judged a moment later, once the reactor has read what already waits in
-        the socket: a reload or stop holds the reactor a while, and the app's next
-        request may sit unread in the kernel's buffer meanwhile; closing at once would
-        reset it unanswered, read it is answered (with ``connection: close``)."""
+        The answer under way goes out with ``connection: close`` unless its head went
+        out already, or another request waits behind it.  An idle connection stays open
+        for ``bound``, to answer (with ``connection: close``) a request the app may be
+        sending on it right now, and closes at the bound if none came; ``idle_timeout``
+        still closes it first if the app sends nothing for that long.
+
+        A route that stops (SIGTERM, a route removed or moved by a reload) gives
+        ``DRAIN_LOOK``: judged idle a moment later, once the reactor has read what
+        already waits in the socket (a stop holds the reactor a while, and the app's
+        next request may sit unread in the kernel's buffer meanwhile: read, it is
+        answered).  A reload that hands the route's listener to new settings gives
+        ``drain_timeout``, as HAProxy's ``idle-close-on-response`` and Envoy's drain
+        do: a keep-alive client that sends its next request as the reload happens must
+        get an answer, not a reset (an app cannot re-send a POST blindly).
+        """
+        ends = self.clock.seconds() + bound
+        if self.draining and ends >= self.drainEnds:
+            return  # drained already, with an earlier or the same bound
         self.draining = True
-        self.clock.callLater(DRAIN_LOOK, self._closeIfIdle)
+        self.drainEnds = ends
+        if self.drainCall is not None and self.drainCall.active():
+            self.drainCall.cancel()
+        self.drainCall = self.clock.callLater(bound, self._closeIfIdle)
 
     def _closeIfIdle(self) -> None:
+        self.drainCall = None
         if self.closed or self.closing:
             return
         if self.active is None and not self.inHead and not self.queue:
             self.closing = True
             self.transport.loseConnection()
+
+    def _lastAnswer(self) -> bool:
+        """Whether the answer about to go out is the connection's last: it drains and
+        no other request has come (or begun to) behind it."""
+        return self.draining and not self.queue and not self.inHead
 
     def _idleCheck(self) -> None:
         now = self.clock.seconds()
@@ -742,8 +776,8 @@ class AppConnection(Protocol):
     def respond(self, exchange: Exchange, response: Response, extra: bytes) -> None:
         """Send the member's response head and whatever body came with it."""
         exchange.status = status = response.status
-        if self.draining or not exchange.bodyDone:
-            # Unread request body left, or the route stops: this response is the last.
+        if not exchange.bodyDone or self._lastAnswer():
+            # Unread request body left, or the connection drains: this response is the last.
             exchange.closeAfter = True
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason or reasonPhrase(status)),
                  response.block]
@@ -798,7 +832,7 @@ class AppConnection(Protocol):
 
     def respondError(self, exchange: Exchange, reason: str) -> None:
         """The ambassador's own answer for ``reason`` (SPEC §4/http table)."""
-        if self.draining or not exchange.bodyDone:
+        if not exchange.bodyDone or self._lastAnswer():
             exchange.closeAfter = True
         exchange.result = reason
         extra = b""
@@ -864,7 +898,9 @@ class AppConnection(Protocol):
             gate = self.gate
             if gate.hold and (self.parsing is None or self.parsing.sink is not None):
                 gate.setHold(False)
-            if self.draining and not self.inHead:
+            if self.draining and not self.inHead and self.clock.seconds() >= self.drainEnds:
+                # An answer whose head went out before the drain, without
+                # ``connection: close``, ended after the drain's bound.
                 self.closing = True
                 self.transport.loseConnection()
 
@@ -895,6 +931,8 @@ class HTTPFactory(Factory):
         self.settings = RouteSettings(route)
         self.pool = MemberPool(clock, self.maxIdlePerMember, route.idleTimeout, route.connectTimeout)
         self.connections: set[AppConnection] = set()
+        #: No longer the factory of a listening port: its connections drain.
+        self.stopped = False
 
     def buildProtocol(self, addr: Any) -> AppConnection:
         protocol = AppConnection(self)
@@ -905,10 +943,44 @@ class HTTPFactory(Factory):
         """Called by the route when DNS discovery drops a member (issue 8)."""
         self.pool.retire(member)
 
+    def startFactory(self) -> None:
+        _serving.add(self)
+
+    def stopFactory(self) -> None:
+        _serving.discard(self)
+
+    def handedOver(self) -> bool:
+        """Whether another factory of this route took over its listener.
+
+        A reload that changes a route's settings but not its listen endpoint switches
+        the listening port to the new route's factory, started first, and then stops
+        this one (``ambassador.reload``); a stop (SIGTERM, a route removed or moved)
+        leaves no other started factory of the same route and endpoint.
+        """
+        route = self.route
+        return any(
+            other is not self and other.clock is self.clock and other.route.name == route.name
+            and other.route.listen == route.listen
+            for other in _serving
+        )
+
     def doStop(self) -> None:
-        """The route stops listening (shutdown, reload): idle keep-alive connections
-        close now, busy ones after their response, so the drain ends early."""
+        """The route's listener stops using this factory: its keep-alive connections
+        drain (``AppConnection.drain``).  On a stop, idle ones close at once and busy
+        ones after their answer, so the drain ends early; when a reload handed the
+        listener over, each waits for the app's next request (up to ``drain_timeout``)
+        and answers it with ``connection: close``."""
         super().doStop()
+        self.stopped = True
+        handedOver = self.handedOver()
+        bound = self.route.drainTimeout if handedOver else DRAIN_LOOK
         for connection in list(self.connections):
-            connection.drain()
-        self.pool.closeAll()
+            connection.drain(bound)
+        if not (handedOver and self.connections):
+            # (Handed over, the pool serves the requests still to come on the old
+            # settings; it is closed with their last connection, ``connectionLost``.)
+            self.pool.closeAll()
+
+
+#: The started http route factories (``HTTPFactory.handedOver``).
+_serving: weakref.WeakSet[HTTPFactory] = weakref.WeakSet()
