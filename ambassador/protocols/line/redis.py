@@ -256,7 +256,8 @@ _CRLF = b"\r\n"
 
 def _frameRun(buf: bytes, pos: int, plain: dict[bytes, bool], out: list[LineRequest]) -> int:
     """Frame the plain commands at the start of ``buf[pos:]`` as one ``LineRun``
-    (at least two of them); return where the per-command framing takes over.
+    (a single one as its ``LineRequest``); return where the per-command framing
+    takes over.
 
     hiredis parses the commands; their canonical encoding (``*N``, then per
     argument ``$LEN``, the bytes, CRLF: the only form the per-command framing
@@ -292,7 +293,7 @@ def _frameRun(buf: bytes, pos: int, plain: dict[bytes, bool], out: list[LineRequ
             del parts[mark:]
             break
         commands.append(args)
-    if len(commands) < 2:
+    if not commands:
         return pos
     try:
         canonical = b"".join(parts)
@@ -301,7 +302,11 @@ def _frameRun(buf: bytes, pos: int, plain: dict[bytes, bool], out: list[LineRequ
     if not buf.startswith(canonical, pos):
         return pos
     end = pos + len(canonical)
-    out.append(LineRun(buf[pos:end], len(commands), partial(_splitRun, commands, plain)))
+    if len(commands) == 1:  # unpipelined: no run, and no second parse by _frameBurst
+        args = commands[0]
+        out.append(LineRequest(buf[pos:end], args[1] if len(args) > 1 else None, plain[args[0]]))
+    else:
+        out.append(LineRun(buf[pos:end], len(commands), partial(_splitRun, commands, plain)))
     return end
 
 
