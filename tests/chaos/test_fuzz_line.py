@@ -415,6 +415,17 @@ def checkAnswers(dialect, route, data: bytes, answer: bytes) -> None:  # type: i
     )
 
 
+def readAtLeast(sock: socket.socket, size: int) -> bytes:
+    """Read until ``size`` bytes came or the peer closed (the socket's timeout bounds it)."""
+    got = b""
+    while len(got) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def touchEveryMember(redisHashPort: int, mcHashPort: int) -> None:
     """``POOL_SIZE`` app connections at once, each with a multi-key read whose keys land on
     every member of the hashed routes, so each member's pool reaches its size."""
@@ -429,12 +440,7 @@ def touchEveryMember(redisHashPort: int, mcHashPort: int) -> None:
             for sock in socks:
                 sock.sendall(request)
             for sock in socks:
-                got = b""
-                while len(got) < len(expected):
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    got += chunk
+                got = readAtLeast(sock, len(expected))
                 assert got == expected, (port, got[:200])
         finally:
             for sock in socks:
@@ -456,12 +462,7 @@ def stillServing(amb: Ambassador, pid: int, redisPort: int, mcPort: int) -> None
             for i, sock in enumerate(socks):
                 token = b"alive%d" % i
                 expected = reply % ((len(token), token) if port == redisPort else ())
-                got = b""
-                while len(got) < len(expected):
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    got += chunk
+                got = readAtLeast(sock, len(expected))
                 assert got == expected, (port, i, got)
         finally:
             for sock in socks:

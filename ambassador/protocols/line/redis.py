@@ -474,45 +474,16 @@ class RedisResponseParser:
         self.stream.feed(data)
 
     def next(self, kind: Any) -> bytes | None:
-        stream = self.stream
-        if stream.size < stream.need:
-            return None
-        buf = stream.join()
-        pos = stream.pos
-        # The common replies (status, error, bulk string) are framed here; the rest,
-        # and anything odd or incomplete, by replyEnd.
-        end = 0
-        first = buf[pos]
-        if first == 36:  # $
-            eol = buf.find(b"\r\n", pos)
-            if eol >= 0:
-                text = buf[pos + 1:eol]
-                if text.isdigit() and len(text) <= 20:
-                    end = eol + 4 + int(text)
-                    if end > len(buf) or buf[end - 2] != 13 or buf[end - 1] != 10:
-                        end = 0
-        elif first == 43 or first == 45:  # + -
-            eol = buf.find(b"\r\n", pos)
-            if eol >= 0:
-                end = eol + 2
-        if end <= 0:
-            try:
-                end = replyEnd(buf, pos)
-            except _Incomplete as e:
-                stream.wait(e.need)
-                return None
-        stream.consume(end)
-        if pos == 0 and end == len(buf):
-            return buf
-        return buf[pos:end]
-
+        got, reply = self.many(1)
+        return reply if got else None
 
     def many(self, n: int) -> tuple[int, bytes]:
-        """Frame up to ``n`` replies: how many, and their bytes (one slice).
-
-        ``next`` in a loop, without a call, a stream update and a slice per reply:
-        the replies of a pipelined burst go back to its app as one piece.  A reply
-        that does not frame after some did is left for the next call to report.
+        """Frame up to ``n`` replies: how many, and their bytes (one slice): the
+        replies of a pipelined burst go back to its app as one piece, without a
+        call, a stream update and a slice per reply.  The common replies (status,
+        error, bulk string) are framed here; the rest, and anything odd or
+        incomplete, by ``replyEnd``.  A reply that does not frame after some did is
+        left for the next call to report.
         """
         stream = self.stream
         if stream.size < stream.need:
