@@ -299,8 +299,49 @@ def test_a_burst_with_no_usable_member_answers_each_request_with_the_error() -> 
     assert _expand(records) == [("breaker-open", 0)] * 3
 
 
-def test_bursts_only_with_the_access_log_off_and_without_hash_routing() -> None:
-    for kw in ({}, {"accessLog": False, "balance": "hash"}):
-        _clock, endpoint, app, _appTransport, _records = _setUp(**kw)
-        app.dataReceived(encode([b"GET", b"a"]) * 3)
-        assert len(app.queue) == 3, kw  # one entry per request: each its own log line / key
+def test_bursts_only_with_the_access_log_off() -> None:
+    _clock, endpoint, app, _appTransport, _records = _setUp()
+    app.dataReceived(encode([b"GET", b"a"]) * 3)
+    assert len(app.queue) == 3  # one entry per request: each its own log line
+
+
+def test_under_hash_routing_a_burst_holds_only_keys_of_one_owner() -> None:
+    """Consecutive requests whose keys the ring gives to one member go as one burst;
+    a key of another member starts another; keyless and split requests go alone.
+    Each member gets exactly its keys, and the app its answers in order."""
+    clock, endpoint, app, appTransport, records = _setUp(
+        accessLog=False, balance="hash", upstreams=("tcp:127.0.0.1:1", "tcp:127.0.0.1:2"))
+    core = app.core
+    owner = lambda key: core.balancer.pick(core.candidates(), (), key)  # noqa: E731
+    keys = [b"k%d" % i for i in range(40)]
+    first = owner(keys[0])
+    same = [k for k in keys if owner(k) is first][:3]
+    other = [k for k in keys if owner(k) is not first][:2]
+    assert len(same) == 3 and len(other) == 2
+    order = [same[0], same[1], other[0], other[1], same[2]]
+    app.dataReceived(b"".join(encode([b"GET", k]) for k in order) + encode([b"PING"]))
+    assert [c.count for c in app.queue] == [2, 2, 1, 1]
+    byMember: dict[Any, bytes] = {}
+    for protocol in endpoint.protocols:
+        byMember.setdefault(protocol.member, b"")
+        byMember[protocol.member] += protocol.transport.value()
+    second = owner(other[0])
+    assert byMember[first].startswith(encode([b"GET", same[0]]) + encode([b"GET", same[1]]))
+    assert encode([b"GET", same[2]]) in byMember[first]
+    assert encode([b"GET", other[0]]) + encode([b"GET", other[1]]) in byMember[second]
+    for protocol in endpoint.protocols:  # answer each request, in write order, with its key
+        sent = protocol.transport.value()
+        out = b""
+        pos = 0
+        while pos < len(sent):
+            for k in keys + [None]:
+                request = encode([b"PING"]) if k is None else encode([b"GET", k])
+                if sent.startswith(request, pos):
+                    out += b"+PONG\r\n" if k is None else b"$%d\r\n%s\r\n" % (len(k), k)
+                    pos += len(request)
+                    break
+            else:
+                raise AssertionError(sent[pos:])
+        protocol.dataReceived(out)
+    assert appTransport.value() == b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in order) + b"+PONG\r\n"
+    assert _expand(records) == [("ok", 1)] * 6

@@ -130,8 +130,10 @@ class _Burst(Call):
     one member as one attempt: one pick, breaker check, timeout and budget entry,
     one write and one reply of all their replies, for what costs each request its
     own of each on the ``_Entry`` path (``redis-benchmark -P 16``: most of the
-    route's CPU).  Only requests that go to any member alike (no hash routing, no
-    local answer, a reply expected) are grouped, and only with the access log off.
+    route's CPU).  Only requests that a member answers (no local answer, a reply
+    expected) are grouped, under hash routing only those whose keys have the same
+    owner now (the burst's ``key`` is its first request's), and only with the access
+    log off.
 
     Retries stay per request: if the attempt fails, the replies already framed
     stand, and every request still unanswered goes on as its own ``_Entry`` from
@@ -154,8 +156,8 @@ class _Burst(Call):
         "upstream",
     )
 
-    def __init__(self, app: LineAppProtocol, run: LineRun, started: float) -> None:
-        Call.__init__(self, app.core, None, False)
+    def __init__(self, app: LineAppProtocol, run: LineRun, started: float, key: bytes | None = None) -> None:
+        Call.__init__(self, app.core, key, False)
         self.app = app
         self.request = run
         self.count = run.count
@@ -323,7 +325,7 @@ class LineAppProtocol(Protocol):
         self.write = writerFor(self.transport)
         self.factory.apps.add(self)
         self.parser = self.dialect.requestParser(self.core.route)
-        if self.factory.bursts and hasattr(self.parser, "runs"):
+        if self.factory.parserRuns and hasattr(self.parser, "runs"):
             self.parser.runs = True  # it may frame a burst as one LineRun
         self.idleCall = self.clock.callLater(self.core.route.idleTimeout, self._idleCheck)
         if self.factory.draining:
@@ -387,8 +389,12 @@ class LineAppProtocol(Protocol):
         batcher = self.factory.batcher
         batcher.depth += 1  # cork: one write per member connection for the burst
         try:
-            if self.factory.bursts and (len(requests) > 1 or requests[0].kind is MANY):
-                self._submitBursts(requests, now)
+            factory = self.factory
+            if factory.bursts and (len(requests) > 1 or requests[0].kind is MANY):
+                if factory.hashing:
+                    self._submitHashedBursts(requests, now)
+                else:
+                    self._submitBursts(requests, now)
             else:
                 self._submit(requests, now)
         finally:
@@ -454,8 +460,41 @@ class LineAppProtocol(Protocol):
         if run:
             self._submitRun(run, now)
 
+    def _submitHashedBursts(self, requests: list[LineRequest], now: float) -> None:
+        """Under hash routing: runs of single-key requests whose keys the ring gives to
+        the same member now, as one core call each; the rest as ``_submit`` would."""
+        core = self.core
+        pick = core.balancer.pick
+        candidates = core.candidates()
+        run: list[LineRequest] = []
+        owner = None
+        for request in requests:
+            key = request.key
+            if (
+                key is not None and request.keys is None and request.error is None
+                and request.localReply is None and request.expectsReply and not request.close
+            ):
+                member = pick(candidates, (), key)
+                if member is not None:
+                    if run and member is not owner:
+                        self._submitRun(run, now)
+                        run = []
+                    owner = member
+                    run.append(request)
+                    self.unanswered += 1
+                    continue
+            if run:
+                self._submitRun(run, now)
+                run = []
+            self._submit([request], now)
+            if request.close:
+                return
+        if run:
+            self._submitRun(run, now)
+
     def _submitRun(self, run: list[LineRequest], now: float) -> None:
-        call: Call = _Burst(self, LineRun.of(run), now) if len(run) > 1 else _Entry(self, run[0], now)
+        call: Call = (_Burst(self, LineRun.of(run), now, run[0].key) if len(run) > 1
+                      else _Entry(self, run[0], now))
         self.queue.append(call)  # type: ignore[arg-type]
         self.core.submit(call)
 
@@ -559,10 +598,12 @@ class LineFactory(Factory):
         self.clock = clock
         self.dialect = dialect
         self.hashing = route.balance == "hash"
-        #: Group pipelined requests into bursts (see ``_Burst``)?  Not under hash
-        #: routing (each key picks its member) nor with the access log on (a line
-        #: per request, with its own bytes).
-        self.bursts = not self.hashing and not route.accessLog
+        #: Group pipelined requests into bursts (see ``_Burst``)?  Not with the access
+        #: log on (a line per request, with its own bytes).
+        self.bursts = not route.accessLog
+        #: May the dialect's parser frame bursts itself (``LineRun``)?  Not under hash
+        #: routing either: each request's key must be seen.
+        self.parserRuns = self.bursts and not self.hashing
         self.batcher = Batcher(clock.callLater if coalesce else None)
         self.pool = Pool(dialect, clock, route.connectTimeout, route.name, batcher=self.batcher)
         self.apps: set[LineAppProtocol] = set()
