@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat each measurement, interleaved across targets; medians shown")
+    parser.add_argument("--hash", action="store_true",
+                        help="two redis-servers behind balance = \"hash\" (twemproxy: ketama over "
+                             "both); direct and HAProxy, which cannot hash keys, are left out")
     parser.add_argument("--line-rev", metavar="REV",
                         help="also run the line route as of this git revision (before/after)")
     args = parser.parse_args()
@@ -144,17 +147,21 @@ def main() -> None:
     proxyCpu = "0"
     otherCpus = f"1-{cores - 1}" if cores > 1 else None
     tmp = Path(tempfile.mkdtemp(prefix="redis-bench-"))
-    redisPort = freePort()
-    spawn(["redis-server", "--port", str(redisPort), "--bind", "127.0.0.1", "--save", "",
-           "--appendonly", "no"], otherCpus, tmp / "redis.log")
-    waitForPort(redisPort)
+    redisPorts = [freePort() for _ in range(2 if args.hash else 1)]
+    for i, port in enumerate(redisPorts):
+        spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no"], otherCpus, tmp / f"redis{i}.log")
+        waitForPort(port)
+    redisPort = redisPorts[0]
 
-    targets: dict[str, int] = {"direct": redisPort}
+    targets: dict[str, int] = {} if args.hash else {"direct": redisPort}
+    upstreams = ", ".join(f'"tcp:127.0.0.1:{port}"' for port in redisPorts)
 
     ambPort = freePort()
     (tmp / "ambassador.toml").write_text(
         f'[[route]]\nname = "bench"\nprotocol = "line"\ndialect = "redis"\n'
-        f'listen = "tcp:{ambPort}"\nupstreams = ["tcp:127.0.0.1:{redisPort}"]\naccess_log = false\n'
+        f'listen = "tcp:{ambPort}"\nupstreams = [{upstreams}]\naccess_log = false\n'
+        + ('balance = "hash"\n' if args.hash else '')
     )
     pids: dict[str, int] = {}
     pids["ambassador"] = spawn([*TWISTD, "-n", "--pidfile=", "ambassador", "--admin", "none", "--config",
@@ -178,7 +185,8 @@ def main() -> None:
         twemPort, statsPort = freePort(), freePort()
         (tmp / "nutcracker.yml").write_text(
             f"bench:\n  listen: 127.0.0.1:{twemPort}\n  hash: fnv1a_64\n  distribution: ketama\n"
-            f"  redis: true\n  server_connections: 1\n  servers:\n   - 127.0.0.1:{redisPort}:1\n"
+            f"  redis: true\n  server_connections: 1\n  servers:\n"
+            + "".join(f"   - 127.0.0.1:{port}:1\n" for port in redisPorts)
         )
         pids["twemproxy"] = spawn(["nutcracker", "-c", str(tmp / "nutcracker.yml"), "-s", str(statsPort),
                                    "-o", str(tmp / "nutcracker.log")], proxyCpu, tmp / "nutcracker.out").pid
@@ -187,7 +195,7 @@ def main() -> None:
     else:
         print("nutcracker not installed (apt-get install nutcracker): skipping twemproxy")
 
-    if shutil.which("haproxy"):
+    if shutil.which("haproxy") and not args.hash:
         haPort = freePort()
         (tmp / "haproxy.cfg").write_text(
             "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n"
@@ -217,7 +225,8 @@ def main() -> None:
                for key, runs in rounds.items()}
 
     print(f"\nredis-benchmark -t get,set -c 50 ({cores} cores; proxies pinned to cpu {proxyCpu}; "
-          f"median of {args.rounds}; load average {os.getloadavg()[0]:.1f})")
+          + ("two redis-servers, balance = hash; " if args.hash else "")
+          + f"median of {args.rounds}; load average {os.getloadavg()[0]:.1f})")
     print(f"{'target':<14}{'P':>4}{'SET ops/s':>14}{'GET ops/s':>14}{'proxy CPU us/op':>18}")
     for (name, pipeline), ops in results.items():
         cpu = f"{ops['cpu']:.1f}" if ops.get("cpu") else "-"
