@@ -117,6 +117,9 @@ class ILineDialect(Interface):
         @param route: the ``ambassador.config.Route`` (options, ``balance``).
         @return: an object with ``feed(data: bytes) -> list[LineRequest]``, raising
             ``ProtocolError`` on a malformed request (after which it is not used again).
+            Optional, for speed: a ``runs`` attribute (False at first) which the route
+            sets to True when it may get several pipelined requests as one
+            ``ambassador.protocols.line.LineRun`` (see there).
         """
 
     def responseParser() -> Any:
@@ -127,6 +130,9 @@ class ILineDialect(Interface):
             ``next(kind) -> bytes | None``: the raw bytes of the next complete reply to
             a request whose ``LineRequest.kind`` is ``kind``, or None until it is all
             there; raises ``ProtocolError`` when the member speaks garbage.
+            Optional, for speed: ``many(n) -> (count, bytes)``, up to ``n`` replies at
+            once (to requests of the dialect's plain kind), how many and their bytes;
+            without it the route frames a burst's replies with ``next``.
         """
 
     def errorReply(reason: str) -> bytes:
