@@ -131,8 +131,9 @@ class ILineDialect(Interface):
             a request whose ``LineRequest.kind`` is ``kind``, or None until it is all
             there; raises ``ProtocolError`` when the member speaks garbage.
             Optional, for speed: ``many(n) -> (count, bytes)``, up to ``n`` replies at
-            once (to requests of the dialect's plain kind), how many and their bytes;
-            without it the route frames a burst's replies with ``next``.
+            once, how many and their bytes; only for a dialect whose replies frame
+            alike whatever their request's ``kind`` (redis). Without it the route
+            frames a burst's replies with ``next``, request by request.
         """
 
     def errorReply(reason: str) -> bytes:
