@@ -57,7 +57,29 @@ def _parseBool(value: Any) -> bool:
     return value
 
 
-class _Entry(Call):
+class _OnMember(Call):
+    """What every line call does for an attempt: send its ``request`` on its app
+    connection's pooled connection to the member (``app``, ``connection`` and
+    ``request`` are the subclass's)."""
+
+    __slots__ = ()
+
+    def attempt(self, member: Member) -> None:
+        """One attempt on ``member``: on this app connection's connection to it."""
+        app: LineAppProtocol = self.app  # type: ignore[attr-defined]
+        connection = app.connections.get(member)
+        if connection is None or connection.closed:
+            connection = app.connectionTo(member)
+        self.connection = connection  # type: ignore[attr-defined]
+        connection.send(self, self.request)  # type: ignore[attr-defined]
+
+    def abandon(self) -> None:
+        connection = self.connection  # type: ignore[attr-defined]
+        if connection is not None:
+            connection.abandon(self)
+
+
+class _Entry(_OnMember):
     """One request of an app connection, until its answer is written.
 
     The entry is also the request's core ``Call``: the core asks it for attempts
@@ -94,19 +116,6 @@ class _Entry(Call):
         self.failure: str | None = None
         self.connection: MemberConnection | None = None
 
-    def attempt(self, member: Member) -> None:
-        """One attempt on ``member``: on this app connection's connection to it."""
-        app = self.app
-        connection = app.connections.get(member)
-        if connection is None or connection.closed:
-            connection = app.connectionTo(member)
-        self.connection = connection
-        connection.send(self, self.request)
-
-    def abandon(self) -> None:
-        if self.connection is not None:
-            self.connection.abandon(self)
-
     def settled(self, value: bytes) -> None:
         """The member's reply."""
         self.attempts = self.tries
@@ -125,7 +134,7 @@ class _Entry(Call):
         app._done(self, app.dialect.errorReply(reason) if self.request.expectsReply else b"")
 
 
-class _Burst(Call):
+class _Burst(_OnMember):
     """Several pipelined requests of one app connection, read together and sent to
     one member as one attempt: one pick, breaker check, timeout and budget entry,
     one write and one reply of all their replies, for what costs each request its
@@ -169,9 +178,6 @@ class _Burst(Call):
         self.connection: MemberConnection | None = None
         self.got = 0
         self.pieces: list[bytes] = []
-
-    attempt = _Entry.attempt  # type: ignore[assignment]
-    abandon = _Entry.abandon  # type: ignore[assignment]
 
     def settled(self, value: bytes) -> None:
         self.attempts = self.tries
@@ -234,7 +240,7 @@ class _Burst(Call):
             entry.retryOrStop(failed, member, now)
 
 
-class _Part(Call):
+class _Part(_OnMember):
     """One member's share of a multi-key request split under ``balance = "hash"``:
     its own core call, answering into the whole request's entry."""
 
@@ -247,9 +253,6 @@ class _Part(Call):
         self.request = request
         self.merge = merge
         self.connection: MemberConnection | None = None
-
-    attempt = _Entry.attempt  # type: ignore[assignment]
-    abandon = _Entry.abandon  # type: ignore[assignment]
 
     @property
     def app(self) -> LineAppProtocol:
