@@ -13,18 +13,15 @@ Every fault at once, with tcp and redis beside, is the soak's job (``make soak``
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import attr
-from accounting import fdCount, metricSum, rssBytes, scrapeMetrics, waitUntil
+from accounting import Monitor, fdCount, metricSum, rssBytes, scrapeMetrics, waitUntil
 from chaos.faultproxy import FaultProxy
 from harness import Ambassador, freePort
 from httpload import HttpLoad, Outcome, auditHttp, summary
@@ -56,55 +53,6 @@ class Rig:
 
     def upstream(self, index: int) -> str:
         return self.proxies[index].address
-
-
-class Monitor:
-    """Watches the ambassador while the load runs: breaker states, the budget, RSS, fds."""
-
-    def __init__(self, rig: Rig, route: str = "chaos", interval: float = 0.25) -> None:
-        self.rig = rig
-        self.route = route
-        self.interval = interval
-        self.maxBreaker: dict[str, float] = {}
-        self.budgetViolations: list[dict[str, int]] = []
-        self.maxRss = 0
-        self.maxFds = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.sample()
-            except Exception as e:  # noqa: BLE001 (a monitor never kills the test; it reports)
-                self.errors.append(f"{type(e).__name__}: {e}")
-
-    def sample(self) -> None:
-        pid = self.rig.pid
-        self.maxRss = max(self.maxRss, rssBytes(pid))
-        self.maxFds = max(self.maxFds, fdCount(pid))
-        metrics = scrapeMetrics(self.rig.adminPort)
-        for (name, labels), value in metrics.items():
-            if name == "ambassador_breaker_state" and ("route", self.route) in labels:
-                upstream = dict(labels)["upstream"]
-                self.maxBreaker[upstream] = max(self.maxBreaker.get(upstream, 0.0), value)
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.rig.adminPort}/status?route={self.route}", timeout=5,
-        ) as response:
-            status = json.load(response)
-        for route in status["routes"]:
-            budget = route["budget"]
-            if budget["retries"] > budget["allowed"]:
-                self.budgetViolations.append(budget)
 
 
 @contextmanager

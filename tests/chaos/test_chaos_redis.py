@@ -22,21 +22,19 @@ bounds.  :class:`LineLoad` and :func:`auditLine` are the dialect-free part, used
 
 from __future__ import annotations
 
-import json
 import random
 import socket
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
-from accounting import fdCount, metricSum, rssBytes, scrapeMetrics, waitUntil
+from accounting import Monitor, fdCount, metricSum, rssBytes, scrapeMetrics, waitUntil
 from chaos.faultproxy import FaultProxy
 from harness import Ambassador, freePort
 
@@ -397,49 +395,6 @@ def settledFds(pid: int) -> int:
             return current
         previous = current
     return previous
-
-
-class Monitor:
-    """Samples the breaker states, the budget, RSS and fds while the load runs."""
-
-    def __init__(self, rig: Rig, interval: float = 0.25) -> None:
-        self.rig = rig
-        self.interval = interval
-        self.maxBreaker: dict[str, float] = {}
-        self.budgetViolations: list[dict[str, int]] = []
-        self.maxRss = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.sample()
-            except Exception as e:  # noqa: BLE001 (reported by the test)
-                self.errors.append(f"{type(e).__name__}: {e}")
-
-    def sample(self) -> None:
-        self.maxRss = max(self.maxRss, rssBytes(self.rig.pid))
-        for (name, labels), value in scrapeMetrics(self.rig.adminPort).items():
-            if name == "ambassador_breaker_state" and ("route", "chaos") in labels:
-                upstream = dict(labels)["upstream"]
-                self.maxBreaker[upstream] = max(self.maxBreaker.get(upstream, 0.0), value)
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.rig.adminPort}/status?route=chaos", timeout=5,
-        ) as response:
-            for route in json.load(response)["routes"]:
-                budget = route["budget"]
-                if budget["retries"] > budget["allowed"]:
-                    self.budgetViolations.append(budget)
 
 
 def runScenario(rig: Rig, dialect: Dialect, seed: int, audit: Callable[[list[ClientBooks]], list[str]],
