@@ -47,6 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ports import freePort, waitForPort
+
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 CHUNK = 1024 * 1024
 PING_SIZE = 64
@@ -176,25 +178,6 @@ def pingPong(port: int, seconds: float) -> float:
 
 
 # -- process management --------------------------------------------------------------
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def waitForPort(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
 
 def _dieWithParent() -> None:
     """In the child: get SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""

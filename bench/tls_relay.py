@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from ports import freePort, waitForPort
+
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 CHUNK = 256 * 1024
 
@@ -83,23 +85,6 @@ while True:
     raw, _ = listener.accept()
     threading.Thread(target=serve, args=(raw,), daemon=True).start()
 '''
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def waitForPort(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 class Target:
