@@ -377,17 +377,22 @@ class Reloader(Service):
     def _supersede(self, old: RouteService, factory: Any) -> None:
         """A changed route's old connections are not cut by the reload.
 
-        The old factory is stopped at once (``doStop``: the port no longer uses it), as
-        when a route stops listening: a protocol with keep-alive connections closes
-        them there gracefully (http, line: idle ones now, busy ones after the answer
-        under way), so the app's next request arrives on a new connection, with the
-        new settings.  A tcp pair lives on, on its old settings, until it closes (it
+        The old factory is stopped at once, as when a route stops listening (``doStop``:
+        the port no longer uses it), or by its ``handOver()`` if it has one: a protocol
+        with keep-alive connections closes them there gracefully (line: idle ones now,
+        busy ones after the answers under way; http's ``handOver``: each answers the
+        app's next request with ``connection: close``), so the app's next request
+        arrives on a new connection, with the new settings.  A tcp pair lives on, on its old settings, until it closes (it
         may be a database session of hours).  At shutdown, whatever is left drains
         like any route's connections (``stopService``).
         """
         log.info("route {route} (changed): {n} open connections stay on the old settings "
                  "until they close", route=old.route.name, n=old.core.activeConnections)
-        factory.doStop()
+        handOver = getattr(factory, "handOver", None)
+        if handOver is not None:
+            handOver()
+        else:
+            factory.doStop()
         old.stopChecks()  # the new route resolves and health-checks the members now
         done: Deferred[None] = Deferred()
         self.superseded[old] = done

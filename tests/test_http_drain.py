@@ -75,10 +75,10 @@ def rig():
 
 def handOver(rig):
     """What a reload that changes the route does: the port switches to a new factory
-    (started first), then stops the old one."""
+    (started first), then hands the old one over."""
     new = Listener(_route(drainTimeout=rig.route.drainTimeout, idleTimeout=rig.route.idleTimeout,
                           timeout=3.0), rig.clock, rig.endpoint)
-    rig.old.factory.doStop()
+    rig.old.factory.handOver()
     return new
 
 
@@ -128,7 +128,7 @@ def test_idle_timeout_still_closes_a_draining_connection_first_when_it_is_shorte
     old = Listener(route, clock, endpoint)
     app, transport = old.connect()
     new = Listener(route, clock, endpoint)  # noqa: F841 (the listener's, while it lives)
-    old.factory.doStop()
+    old.factory.handOver()
     clock.advance(1.9)
     assert transport.connected
     clock.advance(0.2)
@@ -137,7 +137,7 @@ def test_idle_timeout_still_closes_a_draining_connection_first_when_it_is_shorte
 
 
 def test_a_stop_closes_an_idle_connection_after_a_look(rig):
-    rig.old.factory.doStop()  # no other factory took the listener: a stop
+    rig.old.factory.doStop()  # a stop, not a hand-over
     assert rig.transport.connected
     rig.clock.advance(DRAIN_LOOK)
     assert not rig.transport.connected and rig.transport.value() == b""

@@ -12,7 +12,6 @@ are answered here and never reach a member.
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from typing import Any
 
@@ -933,6 +932,8 @@ class HTTPFactory(Factory):
         self.connections: set[AppConnection] = set()
         #: No longer the factory of a listening port: its connections drain.
         self.stopped = False
+        #: Stopped by a reload that gave its listener to new settings (``handOver``).
+        self.handedOver = False
 
     def buildProtocol(self, addr: Any) -> AppConnection:
         protocol = AppConnection(self)
@@ -943,26 +944,13 @@ class HTTPFactory(Factory):
         """Called by the route when DNS discovery drops a member (issue 8)."""
         self.pool.retire(member)
 
-    def startFactory(self) -> None:
-        _serving.add(self)
-
-    def stopFactory(self) -> None:
-        _serving.discard(self)
-
-    def handedOver(self) -> bool:
-        """Whether another factory of this route took over its listener.
-
-        A reload that changes a route's settings but not its listen endpoint switches
-        the listening port to the new route's factory, started first, and then stops
-        this one (``ambassador.reload``); a stop (SIGTERM, a route removed or moved)
-        leaves no other started factory of the same route and endpoint.
-        """
-        route = self.route
-        return any(
-            other is not self and other.clock is self.clock and other.route.name == route.name
-            and other.route.listen == route.listen
-            for other in _serving
-        )
+    def handOver(self) -> None:
+        """A reload gave the route's listener to new settings (``ambassador.reload``):
+        stop as ``doStop`` does, except that each keep-alive connection waits for the
+        app's next request (up to ``drain_timeout``) and answers it with
+        ``connection: close``."""
+        self.handedOver = True
+        self.doStop()
 
     def doStop(self) -> None:
         """The route's listener stops using this factory: its keep-alive connections
@@ -972,7 +960,7 @@ class HTTPFactory(Factory):
         and answers it with ``connection: close``."""
         super().doStop()
         self.stopped = True
-        handedOver = self.handedOver()
+        handedOver = self.handedOver
         bound = self.route.drainTimeout if handedOver else DRAIN_LOOK
         for connection in list(self.connections):
             connection.drain(bound)
@@ -981,6 +969,3 @@ class HTTPFactory(Factory):
             # settings; it is closed with their last connection, ``connectionLost``.)
             self.pool.closeAll()
 
-
-#: The started http route factories (``HTTPFactory.handedOver``).
-_serving: weakref.WeakSet[HTTPFactory] = weakref.WeakSet()
