@@ -676,11 +676,8 @@ class Call:
         member.failures += 1
         member.breaker.failure()
         now = core.clock.seconds()
-        count = self.count
-        if count == 1:
-            core.events.attemptFinished(core.name, member, failed.reason, now - startedAt)
-        else:
-            core.events.attemptFinished(core.name, member, failed.reason, now - startedAt, count)
+        # (a call of several requests counts its failed ones itself: ``_Burst``)
+        core.events.attemptFinished(core.name, member, failed.reason, now - startedAt)
         if self.trace is not None:
             self._traceAttempt(member, failed.reason, startedAt, now - startedAt)
         self.retryOrStop(failed, member, now)
