@@ -81,8 +81,10 @@ class IRouteObserver(Interface):
 
     def attemptFinished(route: str, member: Any, result: str, duration: float, count: int = 1) -> None:
         """One attempt ended; ``result`` is 'ok' or a failure reason / status.
-        ``count`` (passed only when not 1): the attempt carried that many requests
-        (a line route's pipelined burst), to be counted as that many attempts."""
+        ``count``: the attempt carried that many requests (a line route's pipelined
+        burst), to be counted as that many attempts; passed only by calls that carry
+        several (a burst cut short passes its answered and failed shares separately,
+        either of which may be 1)."""
 
     def retried(route: str) -> None:
         """A retry was decided (counted when decided, before its backoff)."""
